@@ -1,0 +1,265 @@
+//! Wire messages between nodes, other than gossip announcements.
+//!
+//! Two channels, two families of messages:
+//!
+//! ```text
+//!  control (request-response, small)          piece stream (one stream per span)
+//!  ─────────────────────────────────          ─────────────────────────────────
+//!  Manifest{id}        -> Manifest{bytes}     PieceRequest{id, first, count}  ->
+//!  Availability{id}    -> Availability{bits}  <- PieceResponseHeader{status, first, count}
+//!  Have{id, pieces}    -> Ack                 <- PieceFrame{index, encoding, len} + len bytes
+//!  LatestVersion{img}  -> LatestVersion{ann}     (one frame per piece of the span)
+//!  any                 -> NotFound/Busy/Error
+//! ```
+//!
+//! Every message is a [`WireFormat`]: a format byte, a postcard body, a size limit, semantic
+//! validation on decode. Enum variants are only ever appended (postcard encodes the variant's
+//! position); the golden-bytes tests in `tests/golden.rs` fail if one moves.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bitfield::Bitfield;
+use crate::codec::WireFormat;
+use crate::hash::Hash;
+use crate::limits::{
+    MAX_CONTROL_SIZE, MAX_ERROR_TEXT, MAX_HAVE_BATCH, MAX_MANIFEST_SIZE, MAX_PIECE_HEADER_SIZE,
+    MAX_PIECE_SIZE, MAX_PIECES, MAX_SPAN,
+};
+use crate::path::check_image_name;
+
+/// A control request. Variants are append-only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// "Send me the manifest with this id."
+    Manifest { manifest_id: Hash },
+    /// "Which pieces of this version do you hold?" (asked when a peer becomes interesting).
+    Availability { manifest_id: Hash },
+    /// "I now also hold these pieces" (batched, ascending).
+    Have { manifest_id: Hash, pieces: Vec<u32> },
+    /// "What is the latest deployed version of this image you know?"
+    LatestVersion { image: String },
+}
+
+/// A control response. Variants are append-only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    /// The canonical manifest bytes; the receiver checks them against the signed id.
+    Manifest {
+        bytes: Vec<u8>,
+    },
+    Availability {
+        manifest_id: Hash,
+        bitfield: Bitfield,
+    },
+    /// A "have" was received.
+    Ack,
+    /// The encoded signed announcement of the latest deployed version, if known. Kept as bytes
+    /// so the receiver verifies exactly what the publisher signed.
+    LatestVersion {
+        announcement: Option<Vec<u8>>,
+    },
+    NotFound,
+    /// Try later or elsewhere.
+    Busy,
+    Error {
+        message: String,
+    },
+}
+
+impl WireFormat for ControlRequest {
+    const KIND: &'static str = "control request";
+    const FORMAT_VERSION: u8 = 1;
+    const MAX_SIZE: usize = MAX_CONTROL_SIZE;
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::Have { pieces, .. } => check_have_batch(pieces),
+            Self::LatestVersion { image } => check_image_name(image).map_err(|e| e.to_string()),
+            Self::Manifest { .. } | Self::Availability { .. } => Ok(()),
+        }
+    }
+}
+
+impl WireFormat for ControlResponse {
+    const KIND: &'static str = "control response";
+    const FORMAT_VERSION: u8 = 1;
+    // A manifest travels in a response, so this one message may be as large as a manifest.
+    const MAX_SIZE: usize = MAX_MANIFEST_SIZE + 16;
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::Error { message } if message.len() > MAX_ERROR_TEXT => {
+                Err(format!("error text longer than {MAX_ERROR_TEXT} bytes"))
+            }
+            Self::LatestVersion {
+                announcement: Some(bytes),
+            } if bytes.len() > crate::limits::MAX_ANNOUNCEMENT_SIZE => {
+                Err("announcement longer than its limit".into())
+            }
+            Self::Availability { bitfield, .. } if bitfield.is_empty() => {
+                Err("availability of zero pieces".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn check_have_batch(pieces: &[u32]) -> Result<(), String> {
+    if pieces.is_empty() || pieces.len() > MAX_HAVE_BATCH {
+        return Err(format!(
+            "have batch of {} pieces (1-{MAX_HAVE_BATCH})",
+            pieces.len()
+        ));
+    }
+    if pieces.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("have batch not strictly ascending".into());
+    }
+    if u64::from(*pieces.last().unwrap_or(&0)) >= MAX_PIECES {
+        return Err("have batch names a piece past the limit".into());
+    }
+    Ok(())
+}
+
+/// First message on a piece stream: "send me pieces first..first+count of this version".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceRequest {
+    pub manifest_id: Hash,
+    pub first: u32,
+    pub count: u32,
+}
+
+/// Outcome of a piece request. Variants are append-only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PieceStatus {
+    /// Frames follow, one per piece of the span.
+    Ok,
+    /// The peer does not hold (all of) the span.
+    Missing,
+    /// No free upload slot: ask again later or elsewhere.
+    Busy,
+    /// The peer does not know this version.
+    UnknownVersion,
+}
+
+/// The uploader's answer on a piece stream, before any frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceResponseHeader {
+    pub status: PieceStatus,
+    pub first: u32,
+    pub count: u32,
+}
+
+/// How a piece's bytes travel. Variants are append-only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PieceEncoding {
+    /// The piece as is.
+    Raw,
+    /// zstd-compressed; decompression is bounded by the piece size (reserved: not sent yet).
+    Zstd,
+}
+
+/// Precedes each piece's bytes on a piece stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceFrame {
+    pub index: u32,
+    pub encoding: PieceEncoding,
+    /// Bytes that follow this header.
+    pub len: u32,
+}
+
+fn check_span(first: u32, count: u32) -> Result<(), String> {
+    if count == 0 || count > MAX_SPAN {
+        return Err(format!("span of {count} pieces (1-{MAX_SPAN})"));
+    }
+    if u64::from(first) + u64::from(count) > MAX_PIECES {
+        return Err("span past the piece limit".into());
+    }
+    Ok(())
+}
+
+impl WireFormat for PieceRequest {
+    const KIND: &'static str = "piece request";
+    const FORMAT_VERSION: u8 = 1;
+    const MAX_SIZE: usize = MAX_PIECE_HEADER_SIZE;
+
+    fn validate(&self) -> Result<(), String> {
+        check_span(self.first, self.count)
+    }
+}
+
+impl WireFormat for PieceResponseHeader {
+    const KIND: &'static str = "piece response header";
+    const FORMAT_VERSION: u8 = 1;
+    const MAX_SIZE: usize = MAX_PIECE_HEADER_SIZE;
+
+    fn validate(&self) -> Result<(), String> {
+        check_span(self.first, self.count)
+    }
+}
+
+impl WireFormat for PieceFrame {
+    const KIND: &'static str = "piece frame";
+    const FORMAT_VERSION: u8 = 1;
+    const MAX_SIZE: usize = MAX_PIECE_HEADER_SIZE;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.len > MAX_PIECE_SIZE {
+            return Err(format!(
+                "frame of {} bytes exceeds the piece size limit",
+                self.len
+            ));
+        }
+        if u64::from(self.index) >= MAX_PIECES {
+            return Err("frame index past the piece limit".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn have_batch_rules() {
+        let id = Hash::of(b"m");
+        let ok = ControlRequest::Have {
+            manifest_id: id,
+            pieces: vec![1, 5, 9],
+        };
+        assert_eq!(ControlRequest::decode(&ok.encode().unwrap()).unwrap(), ok);
+        for pieces in [vec![], vec![5, 5], vec![9, 1], vec![0; MAX_HAVE_BATCH + 1]] {
+            let bad = ControlRequest::Have {
+                manifest_id: id,
+                pieces,
+            };
+            assert!(bad.encode().is_err());
+            assert!(ControlRequest::decode(&bad.encode_unchecked().unwrap()).is_err());
+        }
+    }
+
+    #[test]
+    fn span_rules() {
+        let id = Hash::of(b"m");
+        for (first, count, ok) in [
+            (0, 1, true),
+            (0, MAX_SPAN, true),
+            (0, 0, false),
+            (0, MAX_SPAN + 1, false),
+            (u32::MAX, 1, false),
+        ] {
+            let r = PieceRequest {
+                manifest_id: id,
+                first,
+                count,
+            };
+            assert_eq!(r.encode().is_ok(), ok, "{first} {count}");
+        }
+        let big = PieceFrame {
+            index: 0,
+            encoding: PieceEncoding::Raw,
+            len: MAX_PIECE_SIZE + 1,
+        };
+        assert!(PieceFrame::decode(&big.encode_unchecked().unwrap()).is_err());
+    }
+}

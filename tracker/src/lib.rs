@@ -1,0 +1,1 @@
+//! Tracker logic (registry of holders, peer ordering, catalogue of announcements).
