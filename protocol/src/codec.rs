@@ -26,11 +26,11 @@ pub enum DecodeError {
         got: u8,
         expected: u8,
     },
-    #[error("{kind}: malformed: {source}")]
+    // postcard's error is a plain reason, so it is part of this message rather than a cause.
+    #[error("{kind}: malformed: {reason}")]
     Malformed {
         kind: &'static str,
-        #[source]
-        source: postcard::Error,
+        reason: postcard::Error,
     },
     #[error("{kind}: {count} trailing bytes after the message")]
     TrailingBytes { kind: &'static str, count: usize },
@@ -49,11 +49,10 @@ pub enum EncodeError {
         len: usize,
         max: usize,
     },
-    #[error("{kind}: {source}")]
+    #[error("{kind}: cannot serialize: {reason}")]
     Serialize {
         kind: &'static str,
-        #[source]
-        source: postcard::Error,
+        reason: postcard::Error,
     },
     #[error("{kind}: invalid: {reason}")]
     Invalid { kind: &'static str, reason: String },
@@ -94,9 +93,9 @@ pub trait WireFormat: Serialize + DeserializeOwned + Sized {
     /// tests that need to build invalid inputs.
     fn encode_unchecked(&self) -> Result<Vec<u8>, EncodeError> {
         let mut out = vec![Self::FORMAT_VERSION];
-        let body = postcard::to_allocvec(self).map_err(|source| EncodeError::Serialize {
+        let body = postcard::to_allocvec(self).map_err(|reason| EncodeError::Serialize {
             kind: Self::KIND,
-            source,
+            reason,
         })?;
         out.extend_from_slice(&body);
         Ok(out)
@@ -121,7 +120,7 @@ pub trait WireFormat: Serialize + DeserializeOwned + Sized {
             });
         }
         let (value, rest) = postcard::take_from_bytes::<Self>(body)
-            .map_err(|source| DecodeError::Malformed { kind, source })?;
+            .map_err(|reason| DecodeError::Malformed { kind, reason })?;
         if !rest.is_empty() {
             return Err(DecodeError::TrailingBytes {
                 kind,

@@ -16,6 +16,7 @@
 //! | [`wire`] | control and piece-stream messages |
 //! | [`bitfield`] | availability sets |
 //! | [`scheduler`] | which piece to ask of which peer, and when |
+//! | [`superseed`] | the origin's policy: each piece leaves it about once |
 
 pub mod announce;
 pub mod bitfield;
@@ -25,6 +26,7 @@ pub mod limits;
 pub mod manifest;
 pub mod path;
 pub mod scheduler;
+pub mod superseed;
 pub mod wire;
 
 pub use announce::{

@@ -304,7 +304,7 @@ impl Layout {
 /// Why building a manifest failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("reading {path:?}: {source}")]
+    #[error("reading {path:?}")]
     Read {
         path: String,
         #[source]
@@ -379,6 +379,28 @@ impl ManifestBuilder {
         Ok(())
     }
 
+    /// Like [`Self::add_file`], from a source that supports positioned reads: every core reads
+    /// and hashes its own pieces, so the copy out of the page cache is spread over the cores
+    /// and each piece is hashed while it is still in cache. This is what `seed` uses on files.
+    pub fn add_file_at<R: ReadAt + ?Sized>(
+        &mut self,
+        path: &str,
+        mode: u32,
+        size: u64,
+        source: &R,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BuildError> {
+        crate::path::check_relative_path(path).map_err(ManifestError::from)?;
+        let pieces = hash_pieces_at(source, path, size, self.manifest.piece_size, progress)?;
+        self.manifest.files.push(FileEntry {
+            path: path.to_owned(),
+            size,
+            mode: mode & 0o777,
+            pieces,
+        });
+        Ok(())
+    }
+
     /// Sorts the files into canonical order and validates the whole manifest.
     pub fn finish(mut self) -> Result<Manifest, BuildError> {
         self.manifest
@@ -389,6 +411,69 @@ impl ManifestBuilder {
         self.manifest.encode()?;
         Ok(self.manifest)
     }
+}
+
+/// A source of bytes that can be read at any offset from several threads at once (a file via
+/// `pread`, or memory). The caller supplies it: this crate never opens files.
+pub trait ReadAt: Sync {
+    /// Fills `buf` with the bytes at `offset`, or fails (`UnexpectedEof` if the source is
+    /// shorter).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// Pieces hashed per parallel round of [`hash_pieces_at`]; progress is reported between rounds.
+const PIECES_PER_ROUND: u64 = 1024;
+
+/// Hashes `size` bytes of `source` as pieces, reading and hashing on every core.
+pub fn hash_pieces_at<R: ReadAt + ?Sized>(
+    source: &R,
+    path: &str,
+    size: u64,
+    piece_size: u32,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Vec<PieceHash>, BuildError> {
+    let piece_size = u64::from(piece_size);
+    let count = size.div_ceil(piece_size);
+    if count > MAX_PIECES {
+        return Err(ManifestError::TooManyPieces(count).into());
+    }
+    let mut pieces = Vec::with_capacity(count as usize);
+    let mut next = 0u64;
+    while next < count {
+        let end = (next + PIECES_PER_ROUND).min(count);
+        let round: Result<Vec<PieceHash>, std::io::Error> = (next..end)
+            .into_par_iter()
+            .map_init(
+                || vec![0u8; piece_size as usize],
+                |buf, index| {
+                    let offset = index * piece_size;
+                    let len = (size - offset).min(piece_size) as usize;
+                    source.read_exact_at(&mut buf[..len], offset)?;
+                    Ok(PieceHash::of(&buf[..len]))
+                },
+            )
+            .collect();
+        pieces.extend(round.map_err(|source| BuildError::Read {
+            path: path.to_owned(),
+            source,
+        })?);
+        let bytes = (end * piece_size).min(size) - next * piece_size;
+        progress(bytes);
+        next = end;
+    }
+    Ok(pieces)
 }
 
 /// How many bytes the reading thread hands to the hashing pool at a time: large enough that
@@ -582,6 +667,21 @@ mod tests {
         assert_eq!(seen, len as u64);
         let expected: Vec<_> = data.chunks(PS as usize).map(PieceHash::of).collect();
         assert_eq!(pieces, expected);
+    }
+
+    #[test]
+    fn positioned_hashing_matches_streaming() {
+        let len = PIECES_PER_ROUND as usize * PS as usize + 3 * PS as usize + 17;
+        let mut data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        data[PS as usize..2 * PS as usize].fill(0);
+        let mut seen = 0;
+        let at = hash_pieces_at(&data[..], "f", len as u64, PS, &mut |n| seen += n).unwrap();
+        assert_eq!(seen, len as u64);
+        let streamed = hash_pieces(&data[..], "f", len as u64, PS, &mut |_| {}).unwrap();
+        assert_eq!(at, streamed);
+        assert!(at[1].is_zero());
+        let err = hash_pieces_at(&data[..10], "f", 20, PS, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, BuildError::Read { .. }), "{err}");
     }
 
     #[test]

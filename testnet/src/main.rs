@@ -1,1 +1,44 @@
-fn main() {}
+//! `imiswarm-testnet`: run a swarm locally and measure it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imiswarm-testnet",
+    version,
+    about = "Runs an imiswarm swarm locally and measures it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build a sample image, publish it and distribute it, then report against the bound.
+    Demo {
+        /// Work in this directory (kept afterwards) instead of a temporary one.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
+    /// Simulate a rollout in virtual time with the real piece scheduler.
+    Simulate(imiswarm_testnet::demo::SimulateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo { workdir } => imiswarm_testnet::demo::run_demo(workdir),
+        Command::Simulate(args) => imiswarm_testnet::demo::run_simulate(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("imiswarm-testnet: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
