@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::config::NodeFlags;
 use imiswarm_protocol::limits::DEFAULT_PIECE_SIZE;
 use imiswarm_protocol::manifest::is_valid_piece_size;
 use imiswarm_protocol::path::check_image_name;
@@ -43,6 +45,66 @@ pub enum Command {
     /// Sign or verify an announcement of a version.
     #[command(subcommand)]
     Announce(AnnounceCommand),
+    /// Run a swarm member on a cache server: follow announcements, fetch, serve.
+    Daemon {
+        #[command(flatten)]
+        node: NodeFlags,
+    },
+    /// Publish a version from the image server: hash it in place, sign, gossip, serve.
+    Seed(SeedArgs),
+    /// Fetch one version into a directory (a workstation at boot), then exit.
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    #[arg(value_parser = parse_image)]
+    pub image: String,
+    pub version: u64,
+    /// Piece size for a new manifest: a power of two from 64KiB to 16MiB.
+    #[arg(long, default_value_t = DEFAULT_PIECE_SIZE, value_parser = parse_piece_size)]
+    pub piece_size: u32,
+    /// The version this one was made from.
+    #[arg(long)]
+    pub parent: Option<u64>,
+    /// Hash again even if a manifest exists.
+    #[arg(long)]
+    pub rehash: bool,
+    #[command(flatten)]
+    pub node: NodeFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// IMAGE (the latest deployed version) or IMAGE@VERSION.
+    #[arg(value_parser = parse_target)]
+    pub target: (String, Option<u64>),
+    /// Directory to create with the version's files.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Keep serving the fetched pieces to others for this many seconds.
+    #[arg(long, default_value_t = 0)]
+    pub linger: u64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub node: NodeFlags,
+}
+
+fn parse_target(s: &str) -> Result<(String, Option<u64>), String> {
+    let (image, version) = match s.split_once('@') {
+        Some((i, v)) => (
+            i,
+            Some(
+                v.parse::<u64>()
+                    .map_err(|_| format!("{v:?} is not a version number"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    check_image_name(image).map_err(|e| e.to_string())?;
+    Ok((image.to_owned(), version))
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +222,14 @@ mod tests {
         assert!(parse_piece_size("32MiB").is_err());
         assert!(parse_piece_size("4GB").is_err());
         assert!(parse_piece_size("99999999999999MiB").is_err());
+    }
+
+    #[test]
+    fn fetch_targets() {
+        assert_eq!(parse_target("lab"), Ok(("lab".into(), None)));
+        assert_eq!(parse_target("lab@7"), Ok(("lab".into(), Some(7))));
+        assert!(parse_target("lab@x").is_err());
+        assert!(parse_target("../lab").is_err());
     }
 
     #[test]

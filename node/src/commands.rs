@@ -18,6 +18,9 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Keygen(args) => keygen(args),
         Command::Manifest(cmd) => manifest(cmd),
         Command::Announce(cmd) => announce(cmd),
+        Command::Daemon { node } => crate::swarm_commands::daemon(&node),
+        Command::Seed(args) => crate::swarm_commands::seed(&args),
+        Command::Fetch(args) => crate::swarm_commands::fetch(&args),
     }
 }
 

@@ -12,18 +12,12 @@ use imiswarm_protocol::PublisherKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("reading key file {path}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("reading key file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("key file {path} is not 64 hex characters (one ed25519 seed)")]
     Format { path: String },
-    #[error("writing key file {path}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("writing key file {path}: {error}")]
+    Write { path: String, error: std::io::Error },
     #[error("gathering randomness: {0}")]
     Random(String),
 }
@@ -36,9 +30,9 @@ pub fn generate() -> Result<PublisherKey, KeyError> {
 }
 
 pub fn read(path: &Path) -> Result<PublisherKey, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| KeyError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     let mut seed = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut seed).map_err(|_| KeyError::Format {
@@ -50,9 +44,9 @@ pub fn read(path: &Path) -> Result<PublisherKey, KeyError> {
 /// Writes a new key file with mode 0600; refuses to replace an existing file unless `force`
 /// (losing a publisher key means re-keying every node).
 pub fn write(path: &Path, key: &PublisherKey, force: bool) -> Result<(), KeyError> {
-    let err = |source| KeyError::Write {
+    let err = |error| KeyError::Write {
         path: path.display().to_string(),
-        source,
+        error,
     };
     let mut options = OpenOptions::new();
     options.write(true).mode(0o600);

@@ -10,12 +10,28 @@
 //! | [`keys`] | key files |
 //! | [`repo`] | the image repository layout, in-place hashing, directory verification |
 //! | [`progress`] | progress bars for people, tracing for machines |
+//! | [`config`] | node settings: TOML file, flags, environment |
+//! | [`net`] | the libp2p swarm, owned by one task, and its handle |
+//! | [`store`] | partial and complete versions on disk, crash-safe progress |
+//! | [`library`] | the versions this node holds, shared by uploads and downloads |
+//! | [`transfer`] | downloads (the scheduler on real streams), uploads, rate limits |
+//! | [`node`] | a swarm member's decisions: what to fetch, how to answer peers |
+//! | [`member`] | starting a member: identity, network, repository, uploader |
+//! | [`swarm_commands`] | `daemon`, `seed`, `fetch` |
 
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod keys;
+pub mod library;
+pub mod member;
+pub mod net;
+pub mod node;
 pub mod progress;
 pub mod repo;
+pub mod store;
+pub mod swarm_commands;
+pub mod transfer;
 
 /// How a command ended, as the process exit code tells scripts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

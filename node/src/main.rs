@@ -22,10 +22,23 @@ fn main() -> ExitCode {
 
 /// A missing file is "not found" (3); anything else that went wrong is "failed" (1).
 fn classify(err: &anyhow::Error) -> Outcome {
+    use imiswarm_node::{keys::KeyError, repo::RepoError, store::StoreError};
     let not_found = err.chain().any(|cause| {
-        cause
+        let io = cause
             .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            .or_else(|| match cause.downcast_ref::<RepoError>() {
+                Some(RepoError::Io { error, .. }) => Some(error),
+                _ => None,
+            })
+            .or_else(|| match cause.downcast_ref::<StoreError>() {
+                Some(StoreError::Io { error, .. }) => Some(error),
+                _ => None,
+            })
+            .or_else(|| match cause.downcast_ref::<KeyError>() {
+                Some(KeyError::Read { error, .. }) => Some(error),
+                _ => None,
+            });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
     });
     if not_found {
         Outcome::NotFound

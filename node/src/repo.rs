@@ -16,11 +16,8 @@ use imiswarm_protocol::path::{check_image_name, check_relative_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("{path}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{0} is not a directory")]
     NotADirectory(String),
     #[error("{path} is a {kind}: a version holds only regular files and directories")]
@@ -40,9 +37,9 @@ pub enum RepoError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RepoError + '_ {
-    move |source| RepoError::Io {
+    move |error| RepoError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
@@ -186,12 +183,20 @@ pub fn read_manifest(path: &Path) -> Result<(Manifest, imiswarm_protocol::Hash),
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    // Sync the directory so the rename itself survives a crash ("" is the current directory).
     if let Some(parent) = path.parent() {
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
         File::open(parent)
             .and_then(|d| d.sync_all())
             .map_err(io_err(parent))?;

@@ -34,6 +34,16 @@ pub const MAX_HAVE_BATCH: usize = 4096;
 pub const MAX_SPAN: u32 = 64;
 /// Largest piece-stream header (request, response header, frame header).
 pub const MAX_PIECE_HEADER_SIZE: usize = 128;
+/// Most peer records in one peer-exchange answer.
+pub const MAX_PEER_RECORDS: usize = 64;
+/// Longest binary peer id (a multihash of an ed25519 key is 38 bytes).
+pub const MAX_PEER_ID_LEN: usize = 64;
+/// Most addresses per peer record.
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+/// Longest binary multiaddr.
+pub const MAX_ADDR_LEN: usize = 256;
+/// Most announcements in one catalogue answer.
+pub const MAX_CATALOGUE: usize = 512;
 /// Longest human-readable error text a peer may send.
 pub const MAX_ERROR_TEXT: usize = 512;
 

@@ -9,6 +9,9 @@
 //!  Availability{id}    -> Availability{bits}  <- PieceResponseHeader{status, first, count}
 //!  Have{id, pieces}    -> Ack                 <- PieceFrame{index, encoding, len} + len bytes
 //!  LatestVersion{img}  -> LatestVersion{ann}     (one frame per piece of the span)
+//!  Peers               -> Peers{records}
+//!  Announcement{img,v} -> Announcement{ann}
+//!  Catalogue           -> Catalogue{anns}
 //!  any                 -> NotFound/Busy/Error
 //! ```
 //!
@@ -22,8 +25,9 @@ use crate::bitfield::Bitfield;
 use crate::codec::WireFormat;
 use crate::hash::Hash;
 use crate::limits::{
-    MAX_CONTROL_SIZE, MAX_ERROR_TEXT, MAX_HAVE_BATCH, MAX_MANIFEST_SIZE, MAX_PIECE_HEADER_SIZE,
-    MAX_PIECE_SIZE, MAX_PIECES, MAX_SPAN,
+    MAX_ADDR_LEN, MAX_ADDRS_PER_PEER, MAX_ANNOUNCEMENT_SIZE, MAX_CATALOGUE, MAX_CONTROL_SIZE,
+    MAX_ERROR_TEXT, MAX_HAVE_BATCH, MAX_MANIFEST_SIZE, MAX_PEER_ID_LEN, MAX_PEER_RECORDS,
+    MAX_PIECE_HEADER_SIZE, MAX_PIECE_SIZE, MAX_PIECES, MAX_SPAN,
 };
 use crate::path::check_image_name;
 
@@ -38,6 +42,12 @@ pub enum ControlRequest {
     Have { manifest_id: Hash, pieces: Vec<u32> },
     /// "What is the latest deployed version of this image you know?"
     LatestVersion { image: String },
+    /// "Which peers do you know?" (peer exchange, so a node that knows one peer finds the rest).
+    Peers,
+    /// "Send me the announcement of this version, if you know it."
+    Announcement { image: String, version: u64 },
+    /// "Send me the newest announcement of every image you know" (for late joiners).
+    Catalogue,
 }
 
 /// A control response. Variants are append-only.
@@ -64,6 +74,26 @@ pub enum ControlResponse {
     Error {
         message: String,
     },
+    /// Answer to [`ControlRequest::Peers`].
+    Peers {
+        peers: Vec<PeerRecord>,
+    },
+    /// Answer to [`ControlRequest::Announcement`]: one encoded signed announcement.
+    Announcement {
+        announcement: Vec<u8>,
+    },
+    /// Answer to [`ControlRequest::Catalogue`]: encoded signed announcements.
+    Catalogue {
+        announcements: Vec<Vec<u8>>,
+    },
+}
+
+/// A peer another node can dial: its libp2p peer id and multiaddrs, in their binary forms
+/// (this crate does not depend on libp2p; the node parses them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub peer_id: Vec<u8>,
+    pub addrs: Vec<Vec<u8>>,
 }
 
 impl WireFormat for ControlRequest {
@@ -75,7 +105,10 @@ impl WireFormat for ControlRequest {
         match self {
             Self::Have { pieces, .. } => check_have_batch(pieces),
             Self::LatestVersion { image } => check_image_name(image).map_err(|e| e.to_string()),
-            Self::Manifest { .. } | Self::Availability { .. } => Ok(()),
+            Self::Announcement { image, .. } => check_image_name(image).map_err(|e| e.to_string()),
+            Self::Manifest { .. } | Self::Availability { .. } | Self::Peers | Self::Catalogue => {
+                Ok(())
+            }
         }
     }
 }
@@ -93,15 +126,52 @@ impl WireFormat for ControlResponse {
             }
             Self::LatestVersion {
                 announcement: Some(bytes),
-            } if bytes.len() > crate::limits::MAX_ANNOUNCEMENT_SIZE => {
+            } if bytes.len() > MAX_ANNOUNCEMENT_SIZE => {
                 Err("announcement longer than its limit".into())
             }
             Self::Availability { bitfield, .. } if bitfield.is_empty() => {
                 Err("availability of zero pieces".into())
             }
+            Self::Peers { peers } => check_peers(peers),
+            Self::Announcement { announcement } if announcement.len() > MAX_ANNOUNCEMENT_SIZE => {
+                Err("announcement longer than its limit".into())
+            }
+            Self::Catalogue { announcements } => {
+                if announcements.len() > MAX_CATALOGUE {
+                    return Err(format!(
+                        "catalogue of more than {MAX_CATALOGUE} announcements"
+                    ));
+                }
+                if announcements
+                    .iter()
+                    .any(|a| a.len() > MAX_ANNOUNCEMENT_SIZE)
+                {
+                    return Err("announcement longer than its limit".into());
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
+}
+
+fn check_peers(peers: &[PeerRecord]) -> Result<(), String> {
+    if peers.len() > MAX_PEER_RECORDS {
+        return Err(format!("more than {MAX_PEER_RECORDS} peer records"));
+    }
+    for p in peers {
+        if p.peer_id.is_empty() || p.peer_id.len() > MAX_PEER_ID_LEN {
+            return Err("peer id of a wrong size".into());
+        }
+        if p.addrs.len() > MAX_ADDRS_PER_PEER
+            || p.addrs
+                .iter()
+                .any(|a| a.is_empty() || a.len() > MAX_ADDR_LEN)
+        {
+            return Err("peer addresses out of bounds".into());
+        }
+    }
+    Ok(())
 }
 
 fn check_have_batch(pieces: &[u32]) -> Result<(), String> {

@@ -10,8 +10,8 @@ use imiswarm_protocol::codec::WireFormat;
 use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::manifest::{FileEntry, Manifest, PieceHash};
 use imiswarm_protocol::wire::{
-    ControlRequest, ControlResponse, PieceEncoding, PieceFrame, PieceRequest, PieceResponseHeader,
-    PieceStatus,
+    ControlRequest, ControlResponse, PeerRecord, PieceEncoding, PieceFrame, PieceRequest,
+    PieceResponseHeader, PieceStatus,
 };
 
 fn h(byte: u8) -> Hash {
@@ -127,6 +127,15 @@ fn control_request_bytes() {
         },
         "0103036c6162",
     );
+    pin(&ControlRequest::Peers, "0104");
+    pin(
+        &ControlRequest::Announcement {
+            image: "lab".into(),
+            version: 2,
+        },
+        "0105036c616202",
+    );
+    pin(&ControlRequest::Catalogue, "0106");
 }
 
 #[test]
@@ -165,6 +174,27 @@ fn control_response_bytes() {
             message: "no".into(),
         },
         "0106026e6f",
+    );
+    pin(
+        &ControlResponse::Peers {
+            peers: vec![PeerRecord {
+                peer_id: vec![1, 2],
+                addrs: vec![vec![3]],
+            }],
+        },
+        "010701020102010103",
+    );
+    pin(
+        &ControlResponse::Announcement {
+            announcement: vec![4, 5],
+        },
+        "0108020405",
+    );
+    pin(
+        &ControlResponse::Catalogue {
+            announcements: vec![vec![6], vec![]],
+        },
+        "010902010600",
     );
 }
 

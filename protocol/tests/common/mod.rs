@@ -7,8 +7,8 @@ use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::limits::{MAX_SPAN, MIN_PIECE_SIZE};
 use imiswarm_protocol::manifest::{FileEntry, Manifest, PieceHash};
 use imiswarm_protocol::wire::{
-    ControlRequest, ControlResponse, PieceEncoding, PieceFrame, PieceRequest, PieceResponseHeader,
-    PieceStatus,
+    ControlRequest, ControlResponse, PeerRecord, PieceEncoding, PieceFrame, PieceRequest,
+    PieceResponseHeader, PieceStatus,
 };
 use proptest::prelude::*;
 
@@ -137,6 +137,10 @@ pub fn control_request() -> impl Strategy<Value = ControlRequest> {
                 pieces: set.into_iter().collect(),
             }),
         image_name().prop_map(|image| ControlRequest::LatestVersion { image }),
+        Just(ControlRequest::Peers),
+        (image_name(), any::<u64>())
+            .prop_map(|(image, version)| ControlRequest::Announcement { image, version }),
+        Just(ControlRequest::Catalogue),
     ]
 }
 
@@ -154,6 +158,19 @@ pub fn control_response() -> impl Strategy<Value = ControlResponse> {
         Just(ControlResponse::NotFound),
         Just(ControlResponse::Busy),
         ".{0,40}".prop_map(|message| ControlResponse::Error { message }),
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(any::<u8>(), 1..40),
+                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..30), 0..4)
+            )
+                .prop_map(|(peer_id, addrs)| PeerRecord { peer_id, addrs }),
+            0..5
+        )
+        .prop_map(|peers| ControlResponse::Peers { peers }),
+        proptest::collection::vec(any::<u8>(), 0..300)
+            .prop_map(|announcement| ControlResponse::Announcement { announcement }),
+        proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..50), 0..5)
+            .prop_map(|announcements| ControlResponse::Catalogue { announcements }),
     ]
 }
 

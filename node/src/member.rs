@@ -1,0 +1,283 @@
+//! Starting a swarm member: identity, network, what the repository already holds, the uploader
+//! and the node task. The `daemon`, `seed` and `fetch` commands differ only in their [`Mode`]
+//! and what they do around [`Member::run`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use imiswarm_protocol::announce::{SignedAnnouncement, TrustedKeys};
+use imiswarm_protocol::codec::WireFormat;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::NodeConfig;
+use crate::library::Library;
+use crate::net::{self, NetConfig, NetEvent, NetHandle, Role};
+use crate::node::{Finished, Mode, Node};
+use crate::store::{CompleteVersion, PartialVersion, VersionPaths};
+use crate::transfer::download::{DownloadContext, DownloadStats};
+use crate::transfer::ratelimit::RateLimiter;
+use crate::transfer::upload::{UploadStats, Uploader};
+
+/// Concurrent piece uploads per node; more requests are answered "busy".
+pub const UPLOAD_SLOTS: usize = 32;
+
+/// A started member, not yet running its node loop.
+pub struct Member {
+    pub net: NetHandle,
+    pub node: Node,
+    pub library: Arc<Library>,
+    pub upload_stats: Arc<UploadStats>,
+    pub download_stats: Arc<DownloadStats>,
+    pub finished: mpsc::Receiver<Finished>,
+    events: mpsc::Receiver<NetEvent>,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member").field("net", &self.net).finish()
+    }
+}
+
+/// The node identity: from the configured key file (created on first start), or a fresh one.
+fn node_keypair(config: &NodeConfig) -> anyhow::Result<libp2p::identity::Keypair> {
+    let key = match &config.node_key {
+        Some(path) if path.exists() => crate::keys::read(path)?,
+        Some(path) => {
+            let key = crate::keys::generate()?;
+            crate::keys::write(path, &key, false)?;
+            key
+        }
+        None => crate::keys::generate()?,
+    };
+    Ok(net::keypair_from_seed(key.seed()))
+}
+
+impl Member {
+    pub async fn start(config: &NodeConfig, role: Role, mode: Mode) -> anyhow::Result<Self> {
+        let trusted = TrustedKeys::new(config.trusted.iter().copied());
+        if trusted.is_empty() {
+            tracing::warn!("no trusted publisher keys: every announcement will be refused");
+        }
+        let (net, events) = net::start(NetConfig {
+            keypair: node_keypair(config)?,
+            listen: config.listen.clone(),
+            bootstrap: config.bootstrap.clone(),
+            site: config.site.clone(),
+            role,
+            trusted: trusted.clone(),
+        })
+        .await?;
+        let addrs = net.listen_addrs().await;
+        if let Some(path) = &config.addr_file {
+            let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+            crate::repo::write_atomic(path, text.as_bytes())?;
+        }
+
+        let library = Arc::new(Library::default());
+        let upload_stats = Arc::new(UploadStats::default());
+        let download_stats = Arc::new(DownloadStats::default());
+        let uploader = Uploader {
+            library: library.clone(),
+            limiter: Arc::new(RateLimiter::new(config.upload_rate)),
+            stats: upload_stats.clone(),
+            slots: Arc::new(Semaphore::new(UPLOAD_SLOTS)),
+        };
+        let control = net.streams();
+        tokio::spawn(async move {
+            if let Err(e) = uploader.run(control).await {
+                tracing::error!(error = %e, "uploader stopped");
+            }
+        });
+        let ctx = DownloadContext {
+            net: net.clone(),
+            library: library.clone(),
+            limiter: Arc::new(RateLimiter::new(config.download_rate)),
+            stats: download_stats.clone(),
+        };
+        let (finished_tx, finished) = mpsc::channel(16);
+        let mut node = Node::new(
+            ctx,
+            trusted.clone(),
+            mode.clone(),
+            config.site.clone(),
+            finished_tx,
+        );
+        if let Mode::Follow { repo, .. } = &mode {
+            load_repo(repo, &library, &mut node, &trusted)?;
+        }
+        Ok(Self {
+            net,
+            node,
+            library,
+            upload_stats,
+            download_stats,
+            finished,
+            events,
+        })
+    }
+
+    /// Runs the node loop until `shutdown` resolves. Returns the counters for a final report.
+    pub fn spawn(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Running {
+        let Member {
+            net,
+            node,
+            library,
+            upload_stats,
+            download_stats,
+            finished,
+            events,
+        } = self;
+        let task = tokio::spawn(node.run(events, shutdown));
+        Running {
+            net,
+            library,
+            upload_stats,
+            download_stats,
+            finished,
+            task,
+        }
+    }
+}
+
+/// A member whose node loop runs in its own task.
+#[derive(Debug)]
+pub struct Running {
+    pub net: NetHandle,
+    pub library: Arc<Library>,
+    pub upload_stats: Arc<UploadStats>,
+    pub download_stats: Arc<DownloadStats>,
+    pub finished: mpsc::Receiver<Finished>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Loads what a repository holds: complete versions (served at once) and partial downloads
+/// (resumed). An entry that cannot be read is reported and skipped, never deleted.
+fn load_repo(
+    repo: &Path,
+    library: &Library,
+    node: &mut Node,
+    trusted: &TrustedKeys,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(repo)
+        .with_context(|| format!("creating the repository {}", repo.display()))?;
+    for (image, version, manifest_path) in manifests_in(repo)? {
+        let dir = crate::repo::version_dir(repo, &image, version);
+        if !dir.is_dir() {
+            continue;
+        }
+        match crate::repo::read_manifest(&manifest_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|(m, _)| CompleteVersion::open(&dir, m).map_err(anyhow::Error::from))
+        {
+            Ok(v) => {
+                tracing::info!(%image, version, "serving local version");
+                library.add_complete(Arc::new(v));
+                if let Some(signed) = read_announcement(
+                    &repo.join(&image).join(format!("{version}.announcement")),
+                    trusted,
+                ) {
+                    node.remember(signed);
+                }
+            }
+            Err(e) => tracing::warn!(%image, version, error = %e, "skipping unreadable version"),
+        }
+    }
+    let partial_root = repo.join(".partial");
+    if partial_root.is_dir() {
+        for (image, version, manifest_path) in manifests_in(&partial_root)? {
+            let Some(signed) = read_announcement(
+                &partial_root
+                    .join(&image)
+                    .join(format!("{version}.announcement")),
+                trusted,
+            ) else {
+                continue;
+            };
+            let resumed = crate::repo::read_manifest(&manifest_path)
+                .map_err(anyhow::Error::from)
+                .and_then(|(m, id)| {
+                    anyhow::ensure!(
+                        id == signed.announcement.manifest_id,
+                        "manifest does not match its announcement"
+                    );
+                    Ok(PartialVersion::open(
+                        VersionPaths::in_repo(repo, &image, version),
+                        m,
+                    )?)
+                });
+            match resumed {
+                Ok(partial) => {
+                    tracing::info!(%image, version, missing = partial.missing(), "resuming download");
+                    node.resume(signed, Arc::new(partial));
+                }
+                Err(e) => tracing::warn!(%image, version, error = %e, "cannot resume download"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(image, version, path)` of every `<root>/<image>/<version>.manifest`.
+fn manifests_in(root: &Path) -> anyhow::Result<Vec<(String, u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for image in std::fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
+        let image = image?;
+        let Some(name) = image.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if imiswarm_protocol::path::check_image_name(&name).is_err() || !image.file_type()?.is_dir()
+        {
+            continue;
+        }
+        for entry in std::fs::read_dir(image.path())? {
+            let entry = entry?;
+            let file = entry.file_name();
+            let Some(version) = file
+                .to_str()
+                .and_then(|f| f.strip_suffix(".manifest"))
+                .and_then(|v| v.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            out.push((name.clone(), version, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_announcement(path: &Path, trusted: &TrustedKeys) -> Option<SignedAnnouncement> {
+    let bytes = std::fs::read(path).ok()?;
+    match trusted.decode_and_verify(&bytes) {
+        Ok(signed) => Some(signed),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring saved announcement");
+            None
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (systemd's stop).
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Encodes for saving; announcement encoding only fails for an invalid image name, which a
+/// verified announcement cannot have.
+pub fn encode_announcement(signed: &SignedAnnouncement) -> anyhow::Result<Vec<u8>> {
+    Ok(signed.encode()?)
+}

@@ -1,0 +1,732 @@
+//! The libp2p swarm: one task owns it; the rest of the node talks to it through [`NetHandle`].
+//!
+//! Owns connections, gossip of signed announcements (validated here, before they are forwarded
+//! to anyone), control request-response, peer identification (site and role) and bans. Piece
+//! streams are opened and accepted through the `libp2p_stream::Control` the handle carries, so
+//! bulk bytes never pass through this task. It must not decide what to fetch or store.
+//!
+//! ```text
+//!   node ──Command (bounded, oneshot reply)──> swarm task ──> libp2p
+//!   node <──NetEvent (bounded)─────────────── swarm task <── libp2p
+//!   transfer ──open/accept streams──> libp2p_stream::Control (no detour through the task)
+//! ```
+
+pub mod codec;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use imiswarm_protocol::announce::{SignedAnnouncement, TrustedKeys};
+use imiswarm_protocol::limits::{ANNOUNCE_TOPIC, MAX_ANNOUNCEMENT_SIZE};
+use imiswarm_protocol::wire::{ControlRequest, ControlResponse, PeerRecord};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, allow_block_list, gossipsub, identify, identity, ping,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use codec::{CONTROL, ControlCodec};
+
+/// Protocol version that identify advertises; peers with another one are not imiswarm nodes.
+pub const IDENTIFY_PROTOCOL: &str = "/imiswarm/id/1";
+/// The piece stream protocol.
+pub const PIECES: StreamProtocol = StreamProtocol::new(imiswarm_protocol::limits::PIECE_PROTOCOL);
+
+/// What a node is, as its peers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The origin of versions (runs `seed`).
+    Seed,
+    Daemon,
+    Fetch,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::Daemon => "daemon",
+            Self::Fetch => "fetch",
+        }
+    }
+}
+
+/// A peer's self-description, carried in identify's agent version:
+/// `imiswarm/<version> site=<site> role=<role>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub site: String,
+    pub role: Role,
+}
+
+fn agent_string(site: &str, role: Role) -> String {
+    format!(
+        "imiswarm/{} site={site} role={}",
+        env!("CARGO_PKG_VERSION"),
+        role.as_str()
+    )
+}
+
+fn parse_agent(agent: &str) -> Option<PeerInfo> {
+    let mut parts = agent.split(' ');
+    if !parts.next()?.starts_with("imiswarm/") {
+        return None;
+    }
+    let (mut site, mut role) = (None, None);
+    for part in parts {
+        match part.split_once('=') {
+            Some(("site", s)) => site = Some(s.to_owned()),
+            Some(("role", "seed")) => role = Some(Role::Seed),
+            Some(("role", "daemon")) => role = Some(Role::Daemon),
+            Some(("role", "fetch")) => role = Some(Role::Fetch),
+            _ => {}
+        }
+    }
+    Some(PeerInfo {
+        site: site?,
+        role: role?,
+    })
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    control: request_response::Behaviour<ControlCodec>,
+    stream: libp2p_stream::Behaviour,
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+}
+
+/// Settings of the network layer.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub keypair: identity::Keypair,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub site: String,
+    pub role: Role,
+    pub trusted: TrustedKeys,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the network task has stopped")]
+    Stopped,
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("building the swarm: {0}")]
+    Build(String),
+    #[error("publishing: {0}")]
+    Publish(String),
+}
+
+/// What the network tells the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A signed announcement from a trusted publisher (already verified).
+    Announcement {
+        signed: SignedAnnouncement,
+        bytes: Vec<u8>,
+    },
+    /// A control request to answer with [`NetHandle::respond`].
+    Request {
+        peer: PeerId,
+        request: ControlRequest,
+        channel: ResponseChannel<ControlResponse>,
+    },
+    /// A peer connected and said who it is.
+    PeerIdentified { peer: PeerId, info: PeerInfo },
+    /// The last connection to a peer closed.
+    PeerGone { peer: PeerId },
+}
+
+enum Command {
+    Publish {
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Request {
+        peer: PeerId,
+        request: ControlRequest,
+        reply: oneshot::Sender<Result<ControlResponse, NetError>>,
+    },
+    Respond {
+        channel: ResponseChannel<ControlResponse>,
+        response: ControlResponse,
+    },
+    Dial(Multiaddr),
+    Ban {
+        peer: PeerId,
+        for_: Duration,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<(PeerId, PeerInfo)>>,
+    },
+    PeerRecords {
+        reply: oneshot::Sender<Vec<PeerRecord>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+}
+
+/// A cloneable handle to the network task.
+#[derive(Clone)]
+pub struct NetHandle {
+    commands: mpsc::Sender<Command>,
+    streams: libp2p_stream::Control,
+    pub local_peer_id: PeerId,
+}
+
+impl std::fmt::Debug for NetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetHandle")
+            .field("local_peer_id", &self.local_peer_id)
+            .finish()
+    }
+}
+
+impl NetHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Gossips an encoded signed announcement.
+    pub async fn publish(&self, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.call(|reply| Command::Publish { bytes, reply }).await?
+    }
+
+    /// Sends a control request and waits for the answer (bounded by the request timeout).
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: ControlRequest,
+    ) -> Result<ControlResponse, NetError> {
+        self.call(|reply| Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel<ControlResponse>,
+        response: ControlResponse,
+    ) {
+        let _ = self
+            .commands
+            .send(Command::Respond { channel, response })
+            .await;
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.commands.send(Command::Dial(addr)).await;
+    }
+
+    /// Disconnects a peer and refuses it for `for_`.
+    pub async fn ban(&self, peer: PeerId, for_: Duration) {
+        let _ = self.commands.send(Command::Ban { peer, for_ }).await;
+    }
+
+    /// Connected and identified imiswarm peers.
+    pub async fn peers(&self) -> Vec<(PeerId, PeerInfo)> {
+        self.call(|reply| Command::Peers { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Dialable records of connected peers, for peer exchange.
+    pub async fn peer_records(&self) -> Vec<PeerRecord> {
+        self.call(|reply| Command::PeerRecords { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// This node's listen addresses, each ending in `/p2p/<peer id>`.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.call(|reply| Command::ListenAddrs { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// A control for opening and accepting piece streams.
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.clone()
+    }
+}
+
+/// How long to wait for a control answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections stay open while idle, so the swarm's mesh does not churn between versions.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often to redial bootstrap peers that are not connected.
+const REDIAL_EVERY: Duration = Duration::from_secs(10);
+
+/// Builds the swarm, starts listening and spawns the task that owns it.
+pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let agent = agent_string(&config.site, config.role);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .map_err(|e| NetError::Build(e.to_string()))?
+        .with_quic()
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let gossip_config = gossipsub::ConfigBuilder::default()
+                    .validate_messages()
+                    .max_transmit_size(MAX_ANNOUNCEMENT_SIZE + 512)
+                    // Content-addressed ids: the same announcement from two routes is one message.
+                    .message_id_fn(|m: &gossipsub::Message| {
+                        gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+                    })
+                    .build()?;
+                Ok(Behaviour {
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                            .with_agent_version(agent.clone()),
+                    ),
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    gossipsub: gossipsub::Behaviour::new(
+                        gossipsub::MessageAuthenticity::Signed(key.clone()),
+                        gossip_config,
+                    )?,
+                    control: request_response::Behaviour::with_codec(
+                        ControlCodec,
+                        [(CONTROL, ProtocolSupport::Full)],
+                        request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                    ),
+                    stream: libp2p_stream::Behaviour::new(),
+                    blocked: allow_block_list::Behaviour::default(),
+                })
+            },
+        )
+        .map_err(|e| NetError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+        .build();
+
+    let topic = gossipsub::IdentTopic::new(ANNOUNCE_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| NetError::Build(e.to_string()))?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    for addr in &config.bootstrap {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        }
+    }
+
+    let (commands_tx, commands_rx) = mpsc::channel(256);
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let handle = NetHandle {
+        commands: commands_tx,
+        streams: swarm.behaviour().stream.new_control(),
+        local_peer_id: *swarm.local_peer_id(),
+    };
+    let task = SwarmTask {
+        swarm,
+        topic,
+        trusted: config.trusted,
+        bootstrap: config.bootstrap,
+        events: events_tx,
+        pending: HashMap::new(),
+        peers: HashMap::new(),
+        listen_addrs: Vec::new(),
+        bans: Vec::new(),
+        listening: None,
+    };
+    // Wait until every listener has an address, so callers can print or write them.
+    let (ready_tx, ready_rx) = oneshot::channel();
+    tokio::spawn(task.run(commands_rx, config.listen.len(), ready_tx));
+    let _ = ready_rx.await;
+    Ok((handle, events_rx))
+}
+
+struct KnownPeer {
+    info: PeerInfo,
+    addrs: Vec<Multiaddr>,
+}
+
+struct SwarmTask {
+    swarm: libp2p::Swarm<Behaviour>,
+    topic: gossipsub::IdentTopic,
+    trusted: TrustedKeys,
+    bootstrap: Vec<Multiaddr>,
+    events: mpsc::Sender<NetEvent>,
+    pending: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<ControlResponse, NetError>>,
+    >,
+    peers: HashMap<PeerId, KnownPeer>,
+    listen_addrs: Vec<Multiaddr>,
+    bans: Vec<(Instant, PeerId)>,
+    listening: Option<(usize, oneshot::Sender<()>)>,
+}
+
+impl SwarmTask {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        listeners: usize,
+        ready: oneshot::Sender<()>,
+    ) {
+        self.listening = Some((listeners, ready));
+        if listeners == 0
+            && let Some((_, ready)) = self.listening.take()
+        {
+            let _ = ready.send(());
+        }
+        let mut tick = tokio::time::interval(REDIAL_EVERY);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                command = commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break, // every handle dropped: the node is shutting down
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let (expired, kept): (Vec<_>, Vec<_>) =
+            self.bans.drain(..).partition(|(until, _)| *until <= now);
+        self.bans = kept;
+        for (_, peer) in expired {
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+        }
+        for addr in self.bootstrap.clone() {
+            let connected = match addr.iter().last() {
+                Some(Protocol::P2p(peer)) => self.swarm.is_connected(&peer),
+                _ => false,
+            };
+            if !connected {
+                let _ = self.swarm.dial(addr);
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Publish { bytes, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), bytes)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Publish(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .control
+                    .send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                // Err: the requester gave up meanwhile; nothing to do.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .control
+                    .send_response(channel, response);
+            }
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                }
+            }
+            Command::Ban { peer, for_ } => {
+                tracing::warn!(%peer, seconds = for_.as_secs(), "banning peer");
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.bans.push((Instant::now() + for_, peer));
+            }
+            Command::Peers { reply } => {
+                let _ = reply.send(
+                    self.peers
+                        .iter()
+                        .map(|(p, k)| (*p, k.info.clone()))
+                        .collect(),
+                );
+            }
+            Command::PeerRecords { reply } => {
+                let records = self
+                    .peers
+                    .iter()
+                    .take(imiswarm_protocol::limits::MAX_PEER_RECORDS)
+                    .map(|(peer, known)| PeerRecord {
+                        peer_id: peer.to_bytes(),
+                        addrs: known
+                            .addrs
+                            .iter()
+                            .take(imiswarm_protocol::limits::MAX_ADDRS_PER_PEER)
+                            .map(|a| a.to_vec())
+                            .filter(|a| a.len() <= imiswarm_protocol::limits::MAX_ADDR_LEN)
+                            .collect(),
+                    })
+                    .collect();
+                let _ = reply.send(records);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+        }
+    }
+
+    async fn emit(&mut self, event: NetEvent) {
+        // Bounded: if the node falls behind, the swarm waits rather than growing a queue.
+        let _ = self.events.send(event).await;
+    }
+
+    async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
+                tracing::info!(addr = %full, "listening");
+                self.listen_addrs.push(full);
+                if let Some((left, _)) = &mut self.listening {
+                    *left = left.saturating_sub(1);
+                    if *left == 0
+                        && let Some((_, ready)) = self.listening.take()
+                    {
+                        let _ = ready.send(());
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } if self.peers.remove(&peer_id).is_some() => {
+                self.emit(NetEvent::PeerGone { peer: peer_id }).await;
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => self.on_identified(peer_id, info).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                self.on_gossip(propagation_source, message_id, message)
+                    .await
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event).await,
+            _ => {}
+        }
+    }
+
+    async fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
+        if info.protocol_version != IDENTIFY_PROTOCOL {
+            tracing::debug!(%peer, version = %info.protocol_version, "not an imiswarm peer");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        }
+        let Some(peer_info) = parse_agent(&info.agent_version) else {
+            tracing::debug!(%peer, agent = %info.agent_version, "unparsable agent");
+            return;
+        };
+        // Keep only addresses others can dial: loopback is fine for local swarms, but an
+        // unspecified address (0.0.0.0) is not.
+        let addrs: Vec<Multiaddr> = info
+            .listen_addrs
+            .into_iter()
+            .filter(|a| {
+                !a.iter().any(|p| match p {
+                    Protocol::Ip4(ip) => ip.is_unspecified(),
+                    Protocol::Ip6(ip) => ip.is_unspecified(),
+                    _ => false,
+                })
+            })
+            .collect();
+        for addr in &addrs {
+            self.swarm.add_peer_address(peer, addr.clone());
+        }
+        let new = self
+            .peers
+            .insert(
+                peer,
+                KnownPeer {
+                    info: peer_info.clone(),
+                    addrs,
+                },
+            )
+            .is_none();
+        if new {
+            tracing::debug!(%peer, site = %peer_info.site, role = ?peer_info.role, "peer identified");
+            self.emit(NetEvent::PeerIdentified {
+                peer,
+                info: peer_info,
+            })
+            .await;
+        }
+    }
+
+    async fn on_gossip(
+        &mut self,
+        source: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        // Validate before anything else sees it: unsigned, untrusted or malformed
+        // announcements are rejected here and never forwarded.
+        let verdict = self.trusted.decode_and_verify(&message.data);
+        let acceptance = match &verdict {
+            Ok(_) => gossipsub::MessageAcceptance::Accept,
+            Err(e) => {
+                tracing::warn!(%source, error = %e, "rejected announcement");
+                gossipsub::MessageAcceptance::Reject
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &source, acceptance);
+        if let Ok(signed) = verdict {
+            self.emit(NetEvent::Announcement {
+                signed,
+                bytes: message.data,
+            })
+            .await;
+        }
+    }
+
+    async fn on_control(
+        &mut self,
+        event: request_response::Event<ControlRequest, ControlResponse>,
+    ) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                self.emit(NetEvent::Request {
+                    peer,
+                    request,
+                    channel,
+                })
+                .await;
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound control request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+/// Parses a peer record from peer exchange into dialable addresses.
+pub fn record_addrs(record: &PeerRecord) -> Option<(PeerId, Vec<Multiaddr>)> {
+    let peer = PeerId::from_bytes(&record.peer_id).ok()?;
+    let addrs = record
+        .addrs
+        .iter()
+        .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+        .collect();
+    Some((peer, addrs))
+}
+
+/// Makes the libp2p identity from a 32-byte ed25519 seed (the node key file's content).
+pub fn keypair_from_seed(seed: [u8; 32]) -> identity::Keypair {
+    // ed25519_from_bytes only fails for a slice that is not 32 bytes long.
+    identity::Keypair::ed25519_from_bytes(seed).expect("a 32-byte seed is a valid ed25519 key")
+}
+
+/// Peers we have seen, by id, for callers that track sets.
+pub type PeerSet = HashSet<PeerId>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_round_trip() {
+        let a = agent_string("lab-a", Role::Seed);
+        assert_eq!(
+            parse_agent(&a),
+            Some(PeerInfo {
+                site: "lab-a".into(),
+                role: Role::Seed
+            })
+        );
+        assert_eq!(parse_agent("rust-libp2p/0.1"), None);
+        assert_eq!(
+            parse_agent("imiswarm/0.1 role=daemon"),
+            None,
+            "site missing"
+        );
+    }
+}

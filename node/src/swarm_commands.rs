@@ -1,0 +1,228 @@
+//! The swarm commands: `daemon`, `seed` and `fetch`. Each checks its settings, starts a
+//! [`Member`] and decides when to stop; the member does the work.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use imiswarm_protocol::announce::{Announcement, Lifecycle};
+use imiswarm_protocol::codec::WireFormat;
+
+use crate::Outcome;
+use crate::cli::{FetchArgs, SeedArgs};
+use crate::config::NodeFlags;
+use crate::member::{Member, Running, shutdown_signal};
+use crate::net::Role;
+use crate::node::{Finished, Mode};
+use crate::progress::ByteProgress;
+use crate::store::CompleteVersion;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Logs what a member moved, for operators and for tests that read the log.
+fn report_totals(running: &Running) {
+    tracing::info!(
+        uploaded_bytes = running.upload_stats.bytes.load(Ordering::Relaxed),
+        received_bytes = running
+            .download_stats
+            .received_bytes
+            .load(Ordering::Relaxed),
+        reused_bytes = running.download_stats.reused_bytes.load(Ordering::Relaxed),
+        bad_pieces = running.download_stats.bad_pieces.load(Ordering::Relaxed),
+        "totals"
+    );
+}
+
+pub fn daemon(flags: &NodeFlags) -> anyhow::Result<Outcome> {
+    let config = flags.resolve()?;
+    runtime()?.block_on(async {
+        let member = Member::start(
+            &config,
+            Role::Daemon,
+            Mode::Follow {
+                repo: config.repo.clone(),
+                images: config.follow.clone(),
+            },
+        )
+        .await?;
+        println!("{}", member.net.local_peer_id);
+        let mut running = member.spawn(shutdown_signal());
+        loop {
+            tokio::select! {
+                finished = running.finished.recv() => match finished {
+                    Some(Finished::Complete { image, version, .. }) => {
+                        tracing::info!(%image, version, "complete");
+                        report_totals(&running);
+                    }
+                    Some(Finished::Failed { image, version, error }) => {
+                        tracing::error!(%image, version, %error, "failed");
+                    }
+                    None => break,
+                },
+                _ = &mut running.task => break,
+            }
+        }
+        report_totals(&running);
+        Ok(Outcome::Done)
+    })
+}
+
+pub fn seed(args: &SeedArgs) -> anyhow::Result<Outcome> {
+    let config = args.node.resolve()?;
+    let key_path = config
+        .publisher_key
+        .clone()
+        .context("publisher_key: not set (use --publisher-key or `publisher_key = ...`)")?;
+    let publisher = crate::keys::read(&key_path)?;
+    let repo = config.repo.clone();
+    let manifest_path = crate::repo::manifest_path(&repo, &args.image, args.version);
+
+    // Hash in place unless a valid manifest of this version is already there.
+    let manifest = match crate::repo::read_manifest(&manifest_path) {
+        Ok((m, _)) if !args.rehash => m,
+        _ => {
+            let progress = ByteProgress::new("hashing");
+            let m = crate::repo::build_manifest(
+                &crate::repo::BuildRequest {
+                    repo: &repo,
+                    image: &args.image,
+                    version: args.version,
+                    piece_size: args.piece_size,
+                    parent: args.parent,
+                    boot_profile: Vec::new(),
+                },
+                &mut |total| progress.start(total),
+                &mut |n| progress.advance(n),
+            )?;
+            progress.finish();
+            crate::repo::write_manifest(&repo, &m)?;
+            m
+        }
+    };
+    let dir = crate::repo::version_dir(&repo, &args.image, args.version);
+    let version = CompleteVersion::open(&dir, manifest)?;
+    let signed = publisher.sign(Announcement {
+        image: args.image.clone(),
+        version: args.version,
+        manifest_id: version.id,
+        total_size: version.manifest.total_size(),
+        state: Lifecycle::Deployed,
+        timestamp_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .context("system clock before 1970")?
+            .as_millis() as u64,
+    })?;
+    let bytes = signed.encode()?;
+    crate::repo::write_atomic(
+        &repo
+            .join(&args.image)
+            .join(format!("{}.announcement", args.version)),
+        &bytes,
+    )?;
+    println!("{}  {}@{}", version.id, args.image, args.version);
+
+    runtime()?.block_on(async {
+        let mut member = Member::start(
+            &config,
+            Role::Seed,
+            Mode::Follow {
+                repo: repo.clone(),
+                images: vec![],
+            },
+        )
+        .await?;
+        let id = version.id;
+        member.library.add_complete(std::sync::Arc::new(version));
+        member.library.set_origin(id);
+        member.node.remember(signed);
+        let net = member.net.clone();
+        let mut running = member.spawn(shutdown_signal());
+        // Gossip reaches the peers connected now; nodes that connect later read the
+        // catalogue. Retry until some peer has heard it.
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                match net.publish(bytes.clone()).await {
+                    Ok(()) => {
+                        tracing::info!("announcement gossiped");
+                        return;
+                    }
+                    Err(e) if e.to_string().contains("Duplicate") => return,
+                    Err(e) => tracing::debug!(error = %e, "gossip not delivered yet"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let _ = (&mut running.task).await;
+        report_totals(&running);
+        Ok(Outcome::Done)
+    })
+}
+
+pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
+    let config = args.node.resolve_as(false, 0)?;
+    if args.out.exists() {
+        bail!("{} already exists: fetch creates it", args.out.display());
+    }
+    if config.bootstrap.is_empty() {
+        bail!("bootstrap: no peer to join (use --bootstrap)");
+    }
+    let (image, version) = args.target.clone();
+    // Absolute, so the bookkeeping beside it has a real parent directory.
+    let out = std::path::absolute(&args.out).context("resolving --out")?;
+    runtime()?.block_on(async {
+        let member = Member::start(
+            &config,
+            Role::Fetch,
+            Mode::Fetch {
+                image: image.clone(),
+                version,
+                out: out.clone(),
+            },
+        )
+        .await?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut running = member.spawn(async move {
+            tokio::select! {
+                _ = stop_rx => {}
+                _ = shutdown_signal() => {}
+            }
+        });
+        let deadline = tokio::time::sleep(Duration::from_secs(args.timeout));
+        tokio::pin!(deadline);
+        let outcome = tokio::select! {
+            finished = running.finished.recv() => match finished {
+                Some(Finished::Complete { dir, version, .. }) => {
+                    println!("{}  {image}@{version}", dir.display());
+                    Outcome::Done
+                }
+                Some(Finished::Failed { error, .. }) => {
+                    eprintln!("imiswarm: fetch failed: {error}");
+                    Outcome::Failed
+                }
+                None => Outcome::Failed,
+            },
+            _ = &mut deadline => {
+                let started = !running.library.summary().is_empty();
+                eprintln!(
+                    "imiswarm: {} after {} s",
+                    if started { "fetch did not finish" } else { "no trusted announcement of the image was found" },
+                    args.timeout
+                );
+                if started { Outcome::Failed } else { Outcome::NotFound }
+            }
+        };
+        if outcome == Outcome::Done && args.linger > 0 {
+            tracing::info!(seconds = args.linger, "lingering to serve pieces");
+            tokio::time::sleep(Duration::from_secs(args.linger)).await;
+        }
+        report_totals(&running);
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut running.task).await;
+        Ok(outcome)
+    })
+}

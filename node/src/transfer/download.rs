@@ -1,0 +1,399 @@
+//! Downloading one version: the protocol's scheduler driven by real peers and streams.
+//!
+//! One task per version owns the [`Scheduler`]; it learns availability from the node (a
+//! bitfield when a peer becomes interesting, batched haves after), sends each request it gets
+//! back as one piece stream in a task of its own, and hears back per piece. Every piece is
+//! verified by the store before it counts; a peer that sends a bad piece is banned and its
+//! pieces are fetched elsewhere. Progress is checkpointed about once a second, so a killed
+//! download resumes without fetching a verified piece again.
+//!
+//! ```text
+//!  node ──DownloadEvent──> download task ──Request──> fetch task ──stream──> peer
+//!                              ▲                          │ verify + write (store)
+//!                              └────── PieceOutcome ──────┘
+//! ```
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use imiswarm_protocol::bitfield::Bitfield;
+use imiswarm_protocol::limits::MAX_HAVE_BATCH;
+use imiswarm_protocol::manifest::PieceIndex;
+use imiswarm_protocol::scheduler::{Locality, Priority, Request, Scheduler, SchedulerConfig};
+use imiswarm_protocol::wire::{
+    ControlRequest, PieceFrame, PieceRequest, PieceResponseHeader, PieceStatus,
+};
+use libp2p::PeerId;
+use tokio::sync::{mpsc, watch};
+
+use crate::library::Library;
+use crate::net::codec::{read_header, write_header};
+use crate::net::{NetHandle, PIECES};
+use crate::store::{CompleteVersion, PartialVersion, StoreError};
+use crate::transfer::ratelimit::RateLimiter;
+
+/// How long a peer that sent a corrupt piece is refused.
+pub const BAN_FOR: Duration = Duration::from_secs(600);
+/// How often verified progress is made durable.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How long a peer that could not serve a piece is not asked for it again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How often batched haves are sent and timeouts are checked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What the node tells a download.
+#[derive(Debug)]
+pub enum DownloadEvent {
+    /// A peer's full availability (answer to an availability request).
+    Availability {
+        peer: PeerId,
+        bitfield: Bitfield,
+        locality: Locality,
+    },
+    /// A peer now also holds these pieces.
+    Have {
+        peer: PeerId,
+        pieces: Vec<PieceIndex>,
+    },
+    /// The peer disconnected.
+    PeerGone { peer: PeerId },
+    /// The peer asked for our availability: it wants our haves from now on.
+    Interested { peer: PeerId },
+}
+
+/// Where a download stands, for status and progress bars.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DownloadProgress {
+    pub verified_pieces: u32,
+    pub total_pieces: u32,
+    pub peers: u32,
+    pub received_bytes: u64,
+}
+
+/// Shared counters.
+#[derive(Debug, Default)]
+pub struct DownloadStats {
+    /// Piece bytes received from the network (including duplicates and bad pieces).
+    pub received_bytes: AtomicU64,
+    /// Piece bytes taken from an older local version instead of the network.
+    pub reused_bytes: AtomicU64,
+    pub bad_pieces: AtomicU64,
+}
+
+/// Everything a download needs from the node.
+#[derive(Debug, Clone)]
+pub struct DownloadContext {
+    pub net: NetHandle,
+    pub library: Arc<Library>,
+    pub limiter: Arc<RateLimiter>,
+    pub stats: Arc<DownloadStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// Why a piece did not arrive from a peer.
+#[derive(Debug)]
+enum Failure {
+    /// The peer said busy, missing or unknown, or the stream broke: try elsewhere.
+    Soft(String),
+    /// The peer sent bytes that do not match the hash, or violated the protocol: ban it.
+    Bad(String),
+    /// Our own disk failed: stop the download.
+    Fatal(StoreError),
+}
+
+#[derive(Debug)]
+struct PieceOutcome {
+    peer: PeerId,
+    piece: PieceIndex,
+    result: Result<usize, Failure>,
+}
+
+/// Runs a download to completion. `partial` must already be in the library, so its verified
+/// pieces are served while the rest arrives.
+pub async fn run(
+    ctx: DownloadContext,
+    partial: Arc<PartialVersion>,
+    mut events: mpsc::Receiver<DownloadEvent>,
+    progress: watch::Sender<DownloadProgress>,
+) -> Result<Arc<CompleteVersion>, DownloadError> {
+    let total = partial.layout().piece_count();
+    let mut seed = [0u8; 8];
+    let _ = getrandom::fill(&mut seed);
+    let config = SchedulerConfig {
+        // A soft failure here is mostly the origin's "busy" while it super-seeds: the piece
+        // appears at a peer within moments, and the origin serves it again after its first pass.
+        retry_after: RETRY_AFTER,
+        ..SchedulerConfig::default()
+    };
+    let mut scheduler: Scheduler<PeerId> = Scheduler::new(total, config, u64::from_le_bytes(seed));
+    for &piece in &partial.manifest.boot_profile {
+        scheduler.want(piece, Priority::Boot);
+    }
+    for piece in 0..total {
+        if partial.is_verified(piece) {
+            scheduler.mark_have(piece);
+        } else {
+            scheduler.want(piece, Priority::Normal);
+        }
+    }
+
+    let (outcomes_tx, mut outcomes) = mpsc::channel::<PieceOutcome>(1024);
+    let mut interested: HashSet<PeerId> = HashSet::new();
+    let mut banned: HashSet<PeerId> = HashSet::new();
+    let mut peers: HashSet<PeerId> = HashSet::new();
+    let mut haves: BTreeSet<PieceIndex> = BTreeSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    let mut last_checkpoint = tokio::time::Instant::now();
+    let publish = |scheduler: &Scheduler<PeerId>, peers: usize| {
+        progress.send_replace(DownloadProgress {
+            verified_pieces: total - scheduler.remaining().min(total),
+            total_pieces: total,
+            peers: peers as u32,
+            received_bytes: ctx.stats.received_bytes.load(Ordering::Relaxed),
+        });
+    };
+
+    while !scheduler.is_done() {
+        tokio::select! {
+            event = events.recv() => match event {
+                None => return Err(DownloadError::Stopped),
+                Some(DownloadEvent::Availability { peer, bitfield, locality }) => {
+                    if !banned.contains(&peer) && bitfield.len() == total {
+                        scheduler.add_peer(peer, locality);
+                        scheduler.peer_bitfield(peer, &bitfield);
+                        peers.insert(peer);
+                    }
+                }
+                Some(DownloadEvent::Have { peer, pieces }) => {
+                    for piece in pieces {
+                        scheduler.peer_have(peer, piece);
+                    }
+                }
+                Some(DownloadEvent::PeerGone { peer }) => {
+                    scheduler.remove_peer(peer);
+                    peers.remove(&peer);
+                    interested.remove(&peer);
+                }
+                Some(DownloadEvent::Interested { peer }) => {
+                    interested.insert(peer);
+                }
+            },
+            Some(outcome) = outcomes.recv() => {
+                let now = tokio::time::Instant::now().into_std();
+                match outcome.result {
+                    Ok(_) => {
+                        scheduler.on_complete(outcome.peer, outcome.piece, now);
+                        haves.insert(outcome.piece);
+                    }
+                    Err(Failure::Soft(reason)) => {
+                        tracing::trace!(peer = %outcome.peer, piece = outcome.piece, %reason, "piece not received");
+                        scheduler.on_failure(outcome.peer, outcome.piece, now);
+                    }
+                    Err(Failure::Bad(reason)) => {
+                        ctx.stats.bad_pieces.fetch_add(1, Ordering::Relaxed);
+                        if banned.insert(outcome.peer) {
+                            tracing::warn!(peer = %outcome.peer, piece = outcome.piece, %reason, "bad piece: banning peer");
+                            ctx.net.ban(outcome.peer, BAN_FOR).await;
+                        }
+                        scheduler.on_failure(outcome.peer, outcome.piece, now);
+                        scheduler.remove_peer(outcome.peer);
+                        peers.remove(&outcome.peer);
+                    }
+                    Err(Failure::Fatal(e)) => {
+                        // Keep what is verified so a restart resumes.
+                        let _ = partial.checkpoint();
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                flush_haves(&ctx.net, partial.id, &mut haves, &interested);
+                if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                    let p = partial.clone();
+                    tokio::task::spawn_blocking(move || p.checkpoint())
+                        .await
+                        .map_err(|_| DownloadError::Stopped)??;
+                    last_checkpoint = tokio::time::Instant::now();
+                }
+                publish(&scheduler, peers.len());
+            }
+        }
+        let now = tokio::time::Instant::now().into_std();
+        for request in scheduler.next_requests(now) {
+            tokio::spawn(fetch_span(
+                ctx.clone(),
+                partial.clone(),
+                request,
+                outcomes_tx.clone(),
+            ));
+        }
+    }
+
+    flush_haves(&ctx.net, partial.id, &mut haves, &interested);
+    publish(&scheduler, peers.len());
+    let p = partial.clone();
+    let complete = tokio::task::spawn_blocking(move || p.finish())
+        .await
+        .map_err(|_| DownloadError::Stopped)??;
+    let complete = Arc::new(complete);
+    ctx.library.add_complete(complete.clone());
+    Ok(complete)
+}
+
+/// Sends the pieces verified since the last flush to every interested peer, in batches.
+fn flush_haves(
+    net: &NetHandle,
+    id: imiswarm_protocol::Hash,
+    haves: &mut BTreeSet<PieceIndex>,
+    interested: &HashSet<PeerId>,
+) {
+    if haves.is_empty() {
+        return;
+    }
+    let pieces: Vec<PieceIndex> = std::mem::take(haves).into_iter().collect();
+    for chunk in pieces.chunks(MAX_HAVE_BATCH) {
+        for &peer in interested {
+            let net = net.clone();
+            let request = ControlRequest::Have {
+                manifest_id: id,
+                pieces: chunk.to_vec(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = net.request(peer, request).await {
+                    tracing::debug!(%peer, error = %e, "have not delivered");
+                }
+            });
+        }
+    }
+}
+
+/// Fetches one span over one piece stream and reports every piece's fate.
+async fn fetch_span(
+    ctx: DownloadContext,
+    partial: Arc<PartialVersion>,
+    request: Request<PeerId>,
+    outcomes: mpsc::Sender<PieceOutcome>,
+) {
+    let peer = request.peer;
+    let mut reported: HashSet<PieceIndex> = HashSet::new();
+    let result = fetch_span_inner(&ctx, &partial, &request, &outcomes, &mut reported).await;
+    // Everything of the span not yet reported (a shorter answer, or a broken stream) shares
+    // the span's fate; a bad or fatal outcome is reported once, on the first unreported piece,
+    // the rest fail softly.
+    let mut failure = result.err();
+    for piece in request.pieces() {
+        if reported.contains(&piece) {
+            continue;
+        }
+        let result = match failure.take() {
+            Some(f) => Err(f),
+            None => Err(Failure::Soft("span ended early".into())),
+        };
+        let _ = outcomes
+            .send(PieceOutcome {
+                peer,
+                piece,
+                result,
+            })
+            .await;
+    }
+}
+
+async fn fetch_span_inner(
+    ctx: &DownloadContext,
+    partial: &Arc<PartialVersion>,
+    request: &Request<PeerId>,
+    outcomes: &mpsc::Sender<PieceOutcome>,
+    reported: &mut HashSet<PieceIndex>,
+) -> Result<(), Failure> {
+    let soft = |e: std::io::Error| Failure::Soft(e.to_string());
+    let mut control = ctx.net.streams();
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(20),
+        control.open_stream(request.peer, PIECES),
+    )
+    .await
+    .map_err(|_| Failure::Soft("opening the stream timed out".into()))?
+    .map_err(|e| Failure::Soft(e.to_string()))?;
+    write_header(
+        &mut stream,
+        &PieceRequest {
+            manifest_id: partial.id,
+            first: request.first,
+            count: request.count,
+        },
+    )
+    .await
+    .map_err(soft)?;
+    let header: PieceResponseHeader = read_header(&mut stream).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Failure::Bad(e.to_string())
+        } else {
+            soft(e)
+        }
+    })?;
+    if header.status != PieceStatus::Ok {
+        return Err(Failure::Soft(format!("peer answered {:?}", header.status)));
+    }
+    if header.first != request.first || header.count == 0 || header.count > request.count {
+        return Err(Failure::Bad(
+            "response header does not match the request".into(),
+        ));
+    }
+    for expected in header.first..header.first + header.count {
+        let frame: PieceFrame = read_header(&mut stream).await.map_err(soft)?;
+        let len = partial
+            .layout()
+            .locate(expected)
+            .map(|l| l.len)
+            .ok_or_else(|| Failure::Bad("piece outside the version".into()))?;
+        if frame.index != expected || frame.len != len {
+            return Err(Failure::Bad(format!(
+                "frame for piece {} of {} bytes, expected piece {expected} of {len}",
+                frame.index, frame.len
+            )));
+        }
+        let mut bytes = vec![0u8; frame.len as usize];
+        stream.read_exact(&mut bytes).await.map_err(soft)?;
+        ctx.limiter.take(bytes.len()).await;
+        ctx.stats
+            .received_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let p = partial.clone();
+        let written = tokio::task::spawn_blocking(move || p.write_piece(expected, &bytes))
+            .await
+            .map_err(|e| Failure::Soft(e.to_string()))?;
+        let result = match written {
+            Ok(_) => Ok(len as usize),
+            Err(StoreError::BadPiece(_)) => Err(Failure::Bad(format!(
+                "piece {expected} failed its hash check"
+            ))),
+            Err(e) => Err(Failure::Fatal(e)),
+        };
+        let stop = result.is_err();
+        reported.insert(expected);
+        let _ = outcomes
+            .send(PieceOutcome {
+                peer: request.peer,
+                piece: expected,
+                result,
+            })
+            .await;
+        if stop {
+            // The rest of the span fails softly; the reported failure decides the peer's fate.
+            return Err(Failure::Soft("stopped after a failed piece".into()));
+        }
+    }
+    let _ = stream.close().await;
+    Ok(())
+}
