@@ -85,6 +85,9 @@ pub struct NodeFlags {
     /// scripts and tests that start nodes on port 0).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
+    /// Testing only: flip a byte in every piece served, to exercise other nodes' bans.
+    #[arg(long, hide = true)]
+    pub corrupt_uploads: bool,
 }
 
 /// A rate limit in bytes per second; `None` is unlimited.
@@ -105,6 +108,7 @@ pub struct NodeConfig {
     pub node_key: Option<PathBuf>,
     pub publisher_key: Option<PathBuf>,
     pub addr_file: Option<PathBuf>,
+    pub corrupt_uploads: bool,
 }
 
 /// A setting that is missing or wrong, named.
@@ -216,6 +220,7 @@ impl NodeFlags {
             node_key: self.node_key.clone().or(file.node_key),
             publisher_key: self.publisher_key.clone().or(file.publisher_key),
             addr_file: self.addr_file.clone(),
+            corrupt_uploads: self.corrupt_uploads,
         })
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use imiswarm_protocol::bitfield::Bitfield;
 use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::manifest::PieceIndex;
-use imiswarm_protocol::superseed::{Admission, SuperSeed};
+use imiswarm_protocol::superseed::{Admission, DEFAULT_HOLD, SuperSeed};
 
 use crate::store::{CompleteVersion, PartialVersion, StoreError};
 
@@ -133,14 +133,16 @@ impl Library {
                     index += 1;
                 }
             }
-            inner.origin.insert(id, SuperSeed::new(&travelling));
+            inner
+                .origin
+                .insert(id, SuperSeed::new(&travelling, DEFAULT_HOLD));
         }
     }
 
     /// For an origin version, whether to serve `piece` now; other versions always serve.
     pub fn admit(&self, id: &Hash, piece: PieceIndex) -> Admission {
         match self.write().origin.get_mut(id) {
-            Some(policy) => policy.admit(piece),
+            Some(policy) => policy.admit(piece, std::time::Instant::now()),
             None => Admission::Serve,
         }
     }

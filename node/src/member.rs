@@ -82,6 +82,7 @@ impl Member {
             limiter: Arc::new(RateLimiter::new(config.upload_rate)),
             stats: upload_stats.clone(),
             slots: Arc::new(Semaphore::new(UPLOAD_SLOTS)),
+            corrupt: config.corrupt_uploads,
         };
         let control = net.streams();
         tokio::spawn(async move {

@@ -352,7 +352,9 @@ impl Node {
                 for bytes in list {
                     match self.trusted.decode_and_verify(&bytes) {
                         Ok(signed) => self.on_announcement(signed),
-                        Err(e) => tracing::debug!(error = %e, "catalogue entry refused"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "refused announcement from a catalogue")
+                        }
                     }
                 }
             }

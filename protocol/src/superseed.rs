@@ -2,16 +2,22 @@
 //!
 //! Goal: the origin uploads each piece about once, so its upload for a rollout stays near one
 //! image size and the swarm's receivers serve the rest. Until every piece has left the origin
-//! once (the first pass), the origin serves only pieces it has not sent yet and declines the
-//! others: a receiver that asks for an already-sent piece gets a "busy" answer and finds it at
-//! the peer that got it. After the first pass the origin serves anything, so a piece whose only
-//! receiver vanished is never stuck.
+//! once (the first pass), the origin declines a piece it sent less than `hold` ago: a receiver
+//! that asks for it gets a "busy" answer and finds it at the peer that got it. A piece sent
+//! longer ago is served again (its receiver may have crashed before sharing it), and after the
+//! first pass the origin serves anything, so no piece is ever stuck.
 //!
-//! Non-goals: it does not know peers or time and does no I/O; the node asks it before each
-//! upload and tells it when an upload was cut off before the piece arrived.
+//! Non-goals: it does not know peers and does no I/O or clock reads; the node asks it before
+//! each upload, with `now`, and tells it when an upload was cut off before the piece arrived.
+
+use std::time::{Duration, Instant};
 
 use crate::bitfield::Bitfield;
 use crate::manifest::PieceIndex;
+
+/// How long the origin declines a second copy of a piece during the first pass: long enough
+/// for the first receiver to announce and share it, short enough that a lost copy costs little.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(3);
 
 /// The origin's answer to one piece request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,35 +31,48 @@ pub enum Admission {
 #[derive(Clone, Debug)]
 pub struct SuperSeed {
     sent: Bitfield,
+    /// When each piece last left the origin during the first pass.
+    sent_at: Vec<Option<Instant>>,
     /// Pieces that still have to leave once (never-travelling pieces are not counted).
     first_pass_left: u32,
+    hold: Duration,
 }
 
 impl SuperSeed {
     /// `travelling` marks the pieces that are sent at all (all-zero pieces never are).
-    pub fn new(travelling: &Bitfield) -> Self {
+    pub fn new(travelling: &Bitfield, hold: Duration) -> Self {
         let mut sent = Bitfield::new(travelling.len());
         for piece in travelling.iter_zeros() {
             sent.set(piece);
         }
         Self {
             first_pass_left: travelling.count_ones(),
+            sent_at: vec![None; travelling.len() as usize],
             sent,
+            hold,
         }
     }
 
-    /// Decides one request and records an admitted piece as sent.
-    pub fn admit(&mut self, piece: PieceIndex) -> Admission {
+    /// Decides one request at `now` and records an admitted piece as sent.
+    pub fn admit(&mut self, piece: PieceIndex, now: Instant) -> Admission {
         if piece >= self.sent.len() {
             return Admission::Decline;
         }
+        if self.first_pass_left == 0 {
+            return Admission::Serve;
+        }
+        let slot = &mut self.sent_at[piece as usize];
         if self.sent.set(piece) {
             self.first_pass_left -= 1;
-            Admission::Serve
-        } else if self.first_pass_left == 0 {
-            Admission::Serve
-        } else {
-            Admission::Decline
+            *slot = Some(now);
+            return Admission::Serve;
+        }
+        match *slot {
+            Some(at) if now.saturating_duration_since(at) < self.hold => Admission::Decline,
+            _ => {
+                *slot = Some(now);
+                Admission::Serve
+            }
         }
     }
 
@@ -61,6 +80,7 @@ impl SuperSeed {
     pub fn on_aborted(&mut self, piece: PieceIndex) {
         if self.first_pass_left > 0 && self.sent.get(piece) {
             self.sent.clear(piece);
+            self.sent_at[piece as usize] = None;
             self.first_pass_left += 1;
         }
     }
@@ -81,28 +101,47 @@ mod tests {
 
     #[test]
     fn each_piece_once_then_anything() {
+        let t0 = Instant::now();
         let mut travelling = Bitfield::full(4);
         travelling.clear(2); // an all-zero piece
-        let mut s = SuperSeed::new(&travelling);
+        let mut s = SuperSeed::new(&travelling, DEFAULT_HOLD);
         assert_eq!(s.first_pass_left(), 3);
-        assert_eq!(s.admit(0), Admission::Serve);
-        assert_eq!(
-            s.admit(0),
-            Admission::Decline,
-            "second copy waits for the first pass"
-        );
-        assert_eq!(s.admit(1), Admission::Serve);
-        assert_eq!(s.admit(9), Admission::Decline, "out of range");
+        assert_eq!(s.admit(0, t0), Admission::Serve);
+        assert_eq!(s.admit(0, t0), Admission::Decline, "second copy waits");
+        assert_eq!(s.admit(1, t0), Admission::Serve);
+        assert_eq!(s.admit(9, t0), Admission::Decline, "out of range");
         s.on_aborted(1);
-        assert_eq!(s.admit(1), Admission::Serve, "an aborted upload is retried");
+        assert_eq!(
+            s.admit(1, t0),
+            Admission::Serve,
+            "an aborted upload is retried"
+        );
         assert!(!s.first_pass_done());
-        assert_eq!(s.admit(3), Admission::Serve);
+        assert_eq!(s.admit(3, t0), Admission::Serve);
         assert!(s.first_pass_done());
-        assert_eq!(s.admit(0), Admission::Serve);
+        assert_eq!(s.admit(0, t0), Admission::Serve);
         s.on_aborted(0);
         assert!(
             s.first_pass_done(),
             "after the first pass nothing is re-counted"
         );
+    }
+
+    #[test]
+    fn a_copy_lost_with_its_receiver_is_served_again_after_the_hold() {
+        // Regression: a receiver killed right after it got piece 0 never shares it. If the
+        // origin declined piece 0 until its first pass ended, and the pass could not end,
+        // the swarm stalled.
+        let t0 = Instant::now();
+        let mut s = SuperSeed::new(&Bitfield::full(2), DEFAULT_HOLD);
+        assert_eq!(s.admit(0, t0), Admission::Serve);
+        assert_eq!(s.admit(0, t0 + DEFAULT_HOLD / 2), Admission::Decline);
+        assert_eq!(s.admit(0, t0 + DEFAULT_HOLD), Admission::Serve);
+        assert_eq!(
+            s.admit(0, t0 + DEFAULT_HOLD),
+            Admission::Decline,
+            "and held again"
+        );
+        assert!(!s.first_pass_done());
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use imiswarm_protocol::bitfield::Bitfield;
 use imiswarm_protocol::scheduler::{Locality, Priority, Scheduler, SchedulerConfig};
-use imiswarm_protocol::superseed::{Admission, SuperSeed};
+use imiswarm_protocol::superseed::{Admission, DEFAULT_HOLD, SuperSeed};
 
 use crate::bound::FluidBound;
 
@@ -122,7 +122,7 @@ pub fn simulate(config: &SimConfig) -> SimReport {
     let mut wasted = 0f64;
     let steps = (config.max_time.as_secs_f64() / dt).ceil() as u64;
 
-    let mut origin_policy = SuperSeed::new(&Bitfield::full(config.pieces));
+    let mut origin_policy = SuperSeed::new(&Bitfield::full(config.pieces), DEFAULT_HOLD);
     for step in 1..=steps {
         for (i, sched) in schedulers.iter_mut().enumerate() {
             let me = i + 1;
@@ -130,7 +130,7 @@ pub fn simulate(config: &SimConfig) -> SimReport {
                 for piece in req.first..req.first + req.count {
                     // The origin answers "busy" for pieces it already sent once in its first
                     // pass; the receiver fails them there and finds them at a peer.
-                    if req.peer == 0 && origin_policy.admit(piece) == Admission::Decline {
+                    if req.peer == 0 && origin_policy.admit(piece, now) == Admission::Decline {
                         sched.on_failure(0, piece, now);
                         continue;
                     }

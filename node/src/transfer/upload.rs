@@ -40,6 +40,8 @@ pub struct Uploader {
     pub limiter: Arc<RateLimiter>,
     pub stats: Arc<UploadStats>,
     pub slots: Arc<Semaphore>,
+    /// Testing only: serve corrupt bytes (see `--corrupt-uploads`).
+    pub corrupt: bool,
 }
 
 impl Uploader {
@@ -71,6 +73,7 @@ impl Uploader {
         };
         if status != PieceStatus::Ok {
             self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, first = req.first, count = req.count, ?status, "piece request not served");
         }
         write_header(
             &mut stream,
@@ -125,10 +128,15 @@ impl Uploader {
         stream: &mut libp2p::Stream,
     ) -> std::io::Result<()> {
         let source = held.clone();
-        let bytes = tokio::task::spawn_blocking(move || source.read_piece(index))
+        let mut bytes = tokio::task::spawn_blocking(move || source.read_piece(index))
             .await
             .map_err(std::io::Error::other)?
             .map_err(std::io::Error::other)?;
+        if self.corrupt
+            && let Some(b) = bytes.first_mut()
+        {
+            *b ^= 0xff;
+        }
         self.limiter.take(bytes.len()).await;
         write_header(
             stream,
