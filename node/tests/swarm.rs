@@ -47,14 +47,22 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The last `totals` log line's counter `field`.
-    fn total(&self, field: &str) -> u64 {
+    /// Every `totals` log line's counter `field`, oldest first (a daemon logs its totals
+    /// after each completed version and when it stops).
+    fn totals(&self, field: &str) -> Vec<u64> {
         self.log_text()
             .lines()
             .filter(|l| l.contains("\"totals\""))
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| v["fields"][field].as_u64())
-            .next_back()
+            .collect()
+    }
+
+    /// The last `totals` log line's counter `field`.
+    fn total(&self, field: &str) -> u64 {
+        *self
+            .totals(field)
+            .last()
             .unwrap_or_else(|| panic!("{}: no totals in its log:\n{}", self.name, self.log_text()))
     }
 }
@@ -72,6 +80,17 @@ struct Swarm {
     dir: tempfile::TempDir,
     publisher_public: String,
     seed_addr: Option<String>,
+    /// The image server keeps its identity and port across restarts, as a real one does.
+    seed_port: u16,
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn bin() -> &'static str {
@@ -102,6 +121,7 @@ impl Swarm {
             publisher_public: String::from_utf8(out.stdout).unwrap().trim().to_owned(),
             dir,
             seed_addr: None,
+            seed_port: free_port(),
         }
     }
 
@@ -154,6 +174,10 @@ impl Swarm {
             key.display().to_string(),
             "--addr-file".into(),
             addr_file.display().to_string(),
+            "--node-key".into(),
+            self.path("seed-node.key").display().to_string(),
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/tcp/{}", self.seed_port),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -411,4 +435,73 @@ fn killed_daemon_resumes_without_fetching_twice() {
         uploaded as f64 <= 1.1 * total as f64,
         "{uploaded} bytes sent for a {total}-byte image across a restart"
     );
+}
+
+#[test]
+fn update_moves_only_the_changed_pieces() {
+    let mut swarm = Swarm::new();
+    let v1 = write_image(&swarm.path("seedrepo/lab/1"), 16, 0.0);
+    let mut seed = swarm.seed(1, &[]);
+    let mut daemons: Vec<Proc> = (1..=3)
+        .map(|i| swarm.daemon(&format!("d{i}"), &[]))
+        .collect();
+    for i in 1..=3 {
+        let dir = swarm.path(&format!("d{i}/lab/1"));
+        wait_for(
+            &format!("d{i} to hold version 1"),
+            Duration::from_secs(120),
+            || dir.is_dir(),
+        );
+    }
+    seed.stop();
+
+    // Version 2: 5% of the disk's pieces change.
+    let v2 = write_image(&swarm.path("seedrepo/lab/2"), 16, 0.05);
+    let mut seed = swarm.seed(2, &["--parent", "1"]);
+    for i in 1..=3 {
+        let dir = swarm.path(&format!("d{i}/lab/2"));
+        wait_for(
+            &format!("d{i} to hold version 2"),
+            Duration::from_secs(120),
+            || dir.is_dir(),
+        );
+        assert_same_files(&dir, &v2, &format!("d{i}"));
+    }
+    for d in &mut daemons {
+        d.stop();
+    }
+    seed.stop();
+
+    let piece = 64 * 1024;
+    let changed_pieces = v1
+        .iter()
+        .zip(&v2)
+        .map(|((_, a), (_, b))| {
+            a.chunks(piece)
+                .zip(b.chunks(piece))
+                .filter(|(x, y)| x != y)
+                .count()
+        })
+        .sum::<usize>();
+    let changed_bytes = (changed_pieces * piece) as f64;
+    assert!(changed_pieces > 0);
+    for d in &daemons {
+        let received = d.totals("received_bytes");
+        // Totals after version 1, after version 2, at exit.
+        let for_v2 = received.last().unwrap() - received.first().unwrap();
+        println!(
+            "{}: version 2 moved {for_v2} bytes for {changed_bytes} changed",
+            d.name
+        );
+        assert!(
+            for_v2 as f64 <= 1.1 * changed_bytes,
+            "{}: version 2 moved {for_v2} bytes over the network for {changed_bytes} changed bytes",
+            d.name
+        );
+        assert!(
+            d.total("reused_bytes") > 0,
+            "{}: nothing reused from version 1",
+            d.name
+        );
+    }
 }
