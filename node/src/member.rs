@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::config::NodeConfig;
 use crate::library::Library;
 use crate::net::{self, NetConfig, NetEvent, NetHandle, Role};
-use crate::node::{Finished, Mode, Node};
+use crate::node::{Finished, Mode, Node, NodeCommand};
 use crate::store::{CompleteVersion, PartialVersion, VersionPaths};
 use crate::transfer::download::{DownloadContext, DownloadStats};
 use crate::transfer::ratelimit::RateLimiter;
@@ -118,6 +118,22 @@ impl Member {
         })
     }
 
+    /// Makes `version` this member's publication: served with super-seeding, answered from its
+    /// catalogue, and gossiped (retried until some peer has heard it; nodes that connect later
+    /// read the catalogue).
+    pub fn publish(
+        &mut self,
+        version: CompleteVersion,
+        signed: SignedAnnouncement,
+        bytes: Vec<u8>,
+    ) {
+        let id = version.id;
+        self.library.add_complete(Arc::new(version));
+        self.library.set_origin(id);
+        self.node.remember(signed);
+        spawn_gossip(self.net.clone(), bytes);
+    }
+
     /// Runs the node loop until `shutdown` resolves. Returns the counters for a final report.
     pub fn spawn(
         self,
@@ -132,9 +148,11 @@ impl Member {
             finished,
             events,
         } = self;
-        let task = tokio::spawn(node.run(events, shutdown));
+        let (commands, commands_rx) = mpsc::channel(16);
+        let task = tokio::spawn(node.run(events, commands_rx, shutdown));
         Running {
             net,
+            commands,
             library,
             upload_stats,
             download_stats,
@@ -144,15 +162,52 @@ impl Member {
     }
 }
 
+/// Gossips an announcement, retrying until some peer has heard it; nodes that connect later
+/// read it from the catalogue.
+pub fn spawn_gossip(net: NetHandle, bytes: Vec<u8>) {
+    tokio::spawn(async move {
+        for _ in 0..600 {
+            match net.publish(bytes.clone()).await {
+                Ok(()) => {
+                    tracing::info!("announcement gossiped");
+                    return;
+                }
+                // Content-addressed ids: this exact announcement is already out.
+                Err(e) if e.to_string().contains("Duplicate") => return,
+                Err(e) => tracing::debug!(error = %e, "gossip not delivered yet"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+}
+
 /// A member whose node loop runs in its own task.
 #[derive(Debug)]
 pub struct Running {
     pub net: NetHandle,
+    pub commands: mpsc::Sender<NodeCommand>,
     pub library: Arc<Library>,
     pub upload_stats: Arc<UploadStats>,
     pub download_stats: Arc<DownloadStats>,
     pub finished: mpsc::Receiver<Finished>,
     pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Publishes `version` from this running member (the origin): served with super-seeding,
+    /// in its catalogue, gossiped.
+    pub async fn publish(
+        &self,
+        version: CompleteVersion,
+        signed: SignedAnnouncement,
+        bytes: Vec<u8>,
+    ) {
+        let id = version.id;
+        self.library.add_complete(Arc::new(version));
+        self.library.set_origin(id);
+        let _ = self.commands.send(NodeCommand::Remember(signed)).await;
+        spawn_gossip(self.net.clone(), bytes);
+    }
 }
 
 /// Loads what a repository holds: complete versions (served at once) and partial downloads
@@ -277,8 +332,31 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Encodes for saving; announcement encoding only fails for an invalid image name, which a
-/// verified announcement cannot have.
-pub fn encode_announcement(signed: &SignedAnnouncement) -> anyhow::Result<Vec<u8>> {
-    Ok(signed.encode()?)
+/// Signs a "deployed" announcement of a complete version, saves it beside the version as
+/// `<repo>/<image>/<version>.announcement`, and returns it with its bytes.
+pub fn sign_and_save(
+    repo: &Path,
+    version: &CompleteVersion,
+    publisher: &imiswarm_protocol::PublisherKey,
+) -> anyhow::Result<(SignedAnnouncement, Vec<u8>)> {
+    let m = &version.manifest;
+    let signed = publisher.sign(imiswarm_protocol::Announcement {
+        image: m.image.clone(),
+        version: m.version,
+        manifest_id: version.id,
+        total_size: m.total_size(),
+        state: imiswarm_protocol::Lifecycle::Deployed,
+        timestamp_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("system clock before 1970")?
+            .as_millis() as u64,
+    })?;
+    let bytes = signed.encode()?;
+    crate::repo::write_atomic(
+        &repo
+            .join(&m.image)
+            .join(format!("{}.announcement", m.version)),
+        &bytes,
+    )?;
+    Ok((signed, bytes))
 }

@@ -41,6 +41,13 @@ pub enum Mode {
     },
 }
 
+/// What the rest of the process may ask of a running node.
+#[derive(Debug)]
+pub enum NodeCommand {
+    /// Add a trusted announcement (this node's own publication) to the catalogue.
+    Remember(SignedAnnouncement),
+}
+
 /// How a download ended, for whoever waits on it (the fetch command).
 #[derive(Debug, Clone)]
 pub enum Finished {
@@ -78,6 +85,11 @@ enum Internal {
         id: Hash,
         peer: PeerId,
         bitfield: imiswarm_protocol::Bitfield,
+    },
+    /// The peer holds none of the version (yet); it may be asked again later.
+    NotHeld {
+        id: Hash,
+        peer: PeerId,
     },
     DownloadDone {
         id: Hash,
@@ -162,12 +174,16 @@ impl Node {
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<NetEvent>,
+        mut commands: mpsc::Receiver<NodeCommand>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                Some(command) = commands.recv() => match command {
+                    NodeCommand::Remember(signed) => self.remember(signed),
+                },
                 event = events.recv() => match event {
                     Some(e) => self.on_net_event(e).await,
                     None => break,
@@ -266,8 +282,14 @@ impl Node {
                         .send(Internal::Availability { id, peer, bitfield })
                         .await;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(%peer, error = %e, "availability query failed"),
+                // Not (yet) fetching it: when it starts, it asks us, and we ask again then.
+                Ok(_) => {
+                    let _ = internal.send(Internal::NotHeld { id, peer }).await;
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "availability query failed");
+                    let _ = internal.send(Internal::NotHeld { id, peer }).await;
+                }
             }
         });
     }
@@ -420,6 +442,11 @@ impl Node {
                             locality,
                         })
                         .await;
+                }
+            }
+            Internal::NotHeld { id, peer } => {
+                if let Some(d) = self.downloads.get_mut(&id) {
+                    d.queried.remove(&peer);
                 }
             }
             Internal::DownloadDone { id, result } => {

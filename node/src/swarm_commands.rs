@@ -2,16 +2,14 @@
 //! [`Member`] and decides when to stop; the member does the work.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use imiswarm_protocol::announce::{Announcement, Lifecycle};
-use imiswarm_protocol::codec::WireFormat;
 
 use crate::Outcome;
 use crate::cli::{FetchArgs, SeedArgs};
 use crate::config::NodeFlags;
-use crate::member::{Member, Running, shutdown_signal};
+use crate::member::{Member, Running, shutdown_signal, sign_and_save};
 use crate::net::Role;
 use crate::node::{Finished, Mode};
 use crate::progress::ByteProgress;
@@ -106,24 +104,7 @@ pub fn seed(args: &SeedArgs) -> anyhow::Result<Outcome> {
     };
     let dir = crate::repo::version_dir(&repo, &args.image, args.version);
     let version = CompleteVersion::open(&dir, manifest)?;
-    let signed = publisher.sign(Announcement {
-        image: args.image.clone(),
-        version: args.version,
-        manifest_id: version.id,
-        total_size: version.manifest.total_size(),
-        state: Lifecycle::Deployed,
-        timestamp_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .context("system clock before 1970")?
-            .as_millis() as u64,
-    })?;
-    let bytes = signed.encode()?;
-    crate::repo::write_atomic(
-        &repo
-            .join(&args.image)
-            .join(format!("{}.announcement", args.version)),
-        &bytes,
-    )?;
+    let (signed, bytes) = sign_and_save(&repo, &version, &publisher)?;
     println!("{}  {}@{}", version.id, args.image, args.version);
 
     runtime()?.block_on(async {
@@ -136,27 +117,8 @@ pub fn seed(args: &SeedArgs) -> anyhow::Result<Outcome> {
             },
         )
         .await?;
-        let id = version.id;
-        member.library.add_complete(std::sync::Arc::new(version));
-        member.library.set_origin(id);
-        member.node.remember(signed);
-        let net = member.net.clone();
+        member.publish(version, signed, bytes);
         let mut running = member.spawn(shutdown_signal());
-        // Gossip reaches the peers connected now; nodes that connect later read the
-        // catalogue. Retry until some peer has heard it.
-        tokio::spawn(async move {
-            for _ in 0..600 {
-                match net.publish(bytes.clone()).await {
-                    Ok(()) => {
-                        tracing::info!("announcement gossiped");
-                        return;
-                    }
-                    Err(e) if e.to_string().contains("Duplicate") => return,
-                    Err(e) => tracing::debug!(error = %e, "gossip not delivered yet"),
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
         let _ = (&mut running.task).await;
         report_totals(&running);
         Ok(Outcome::Done)

@@ -8,8 +8,10 @@
 //! |---|---|
 //! | [`bound`] | the fluid lower bound T_min |
 //! | [`sim`] | a swarm in virtual time around the real scheduler |
+//! | [`local`] | a real swarm of imiswarm members inside this process, on loopback |
 //! | [`demo`] | the README's demo and the `simulate` command |
 
 pub mod bound;
 pub mod demo;
+pub mod local;
 pub mod sim;
