@@ -118,22 +118,6 @@ impl Member {
         })
     }
 
-    /// Makes `version` this member's publication: served with super-seeding, answered from its
-    /// catalogue, and gossiped (retried until some peer has heard it; nodes that connect later
-    /// read the catalogue).
-    pub fn publish(
-        &mut self,
-        version: CompleteVersion,
-        signed: SignedAnnouncement,
-        bytes: Vec<u8>,
-    ) {
-        let id = version.id;
-        self.library.add_complete(Arc::new(version));
-        self.library.set_origin(id);
-        self.node.remember(signed);
-        spawn_gossip(self.net.clone(), bytes);
-    }
-
     /// Runs the node loop until `shutdown` resolves. Returns the counters for a final report.
     pub fn spawn(
         self,

@@ -108,7 +108,7 @@ pub fn seed(args: &SeedArgs) -> anyhow::Result<Outcome> {
     println!("{}  {}@{}", version.id, args.image, args.version);
 
     runtime()?.block_on(async {
-        let mut member = Member::start(
+        let member = Member::start(
             &config,
             Role::Seed,
             Mode::Follow {
@@ -117,8 +117,8 @@ pub fn seed(args: &SeedArgs) -> anyhow::Result<Outcome> {
             },
         )
         .await?;
-        member.publish(version, signed, bytes);
         let mut running = member.spawn(shutdown_signal());
+        running.publish(version, signed, bytes).await;
         let _ = (&mut running.task).await;
         report_totals(&running);
         Ok(Outcome::Done)

@@ -82,6 +82,8 @@ struct Swarm {
     seed_addr: Option<String>,
     /// The image server keeps its identity and port across restarts, as a real one does.
     seed_port: u16,
+    /// Listen on QUIC instead of TCP.
+    quic: bool,
 }
 
 /// A port that was free a moment ago.
@@ -122,6 +124,7 @@ impl Swarm {
             dir,
             seed_addr: None,
             seed_port: free_port(),
+            quic: false,
         }
     }
 
@@ -131,15 +134,22 @@ impl Swarm {
 
     fn spawn(&self, name: &str, args: &[&str], extra: &[&str]) -> Proc {
         let log = self.path(&format!("{name}.log"));
+        // Every process listens on loopback only, on a free port unless told otherwise.
+        let anywhere = if self.quic {
+            "/ip4/127.0.0.1/udp/0/quic-v1"
+        } else {
+            "/ip4/127.0.0.1/tcp/0"
+        };
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", anywhere]
+        };
         let child = Command::new(bin())
             .args(["--log-format", "json"])
             .args(args)
-            .args([
-                "--trust",
-                &self.publisher_public,
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-            ])
+            .args(["--trust", &self.publisher_public])
+            .args(listen)
             .args(extra)
             .env("IMISWARM_LOG", "info")
             .env_remove("IMISWARM_REPO")
@@ -177,7 +187,11 @@ impl Swarm {
             "--node-key".into(),
             self.path("seed-node.key").display().to_string(),
             "--listen".into(),
-            format!("/ip4/127.0.0.1/tcp/{}", self.seed_port),
+            if self.quic {
+                format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.seed_port)
+            } else {
+                format!("/ip4/127.0.0.1/tcp/{}", self.seed_port)
+            },
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -504,4 +518,34 @@ fn update_moves_only_the_changed_pieces() {
             d.name
         );
     }
+}
+
+#[test]
+fn swarm_over_quic() {
+    let mut swarm = Swarm::new();
+    swarm.quic = true;
+    let files = write_image(&swarm.path("seedrepo/lab/1"), 8, 0.0);
+    let mut seed = swarm.seed(1, &[]);
+    let addr = swarm.seed_addr.clone().unwrap();
+    assert!(
+        addr.contains("/quic-v1/"),
+        "the seed listens on QUIC only: {addr}"
+    );
+    let mut daemons: Vec<Proc> = (1..=2)
+        .map(|i| swarm.daemon(&format!("q{i}"), &[]))
+        .collect();
+    for i in 1..=2 {
+        let dir = swarm.path(&format!("q{i}/lab/1"));
+        wait_for(
+            &format!("q{i} to complete over QUIC"),
+            Duration::from_secs(120),
+            || dir.is_dir(),
+        );
+        assert_same_files(&dir, &files, &format!("q{i}"));
+    }
+    for d in &mut daemons {
+        d.stop();
+    }
+    seed.stop();
+    assert!(daemons.iter().all(|d| d.total("received_bytes") > 0));
 }

@@ -370,12 +370,7 @@ impl ManifestBuilder {
     ) -> Result<(), BuildError> {
         crate::path::check_relative_path(path).map_err(ManifestError::from)?;
         let pieces = hash_pieces(reader, path, size, self.manifest.piece_size, progress)?;
-        self.manifest.files.push(FileEntry {
-            path: path.to_owned(),
-            size,
-            mode: mode & 0o777,
-            pieces,
-        });
+        self.push_file(path, mode, size, pieces);
         Ok(())
     }
 
@@ -392,13 +387,17 @@ impl ManifestBuilder {
     ) -> Result<(), BuildError> {
         crate::path::check_relative_path(path).map_err(ManifestError::from)?;
         let pieces = hash_pieces_at(source, path, size, self.manifest.piece_size, progress)?;
+        self.push_file(path, mode, size, pieces);
+        Ok(())
+    }
+
+    fn push_file(&mut self, path: &str, mode: u32, size: u64, pieces: Vec<PieceHash>) {
         self.manifest.files.push(FileEntry {
             path: path.to_owned(),
             size,
             mode: mode & 0o777,
             pieces,
         });
-        Ok(())
     }
 
     /// Sorts the files into canonical order and validates the whole manifest.
