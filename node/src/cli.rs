@@ -54,6 +54,15 @@ pub enum Command {
     Seed(SeedArgs),
     /// Fetch one version into a directory (a workstation at boot), then exit.
     Fetch(FetchArgs),
+    /// Ask the local daemon what it holds, what it is fetching, at what rate, from whom.
+    Status {
+        /// The node's control API address.
+        #[arg(long, env = "IMISWARM_API", default_value = crate::config::DEFAULT_API)]
+        api: std::net::SocketAddr,
+        /// Print the JSON report instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

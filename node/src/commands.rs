@@ -21,6 +21,7 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Daemon { node } => crate::swarm_commands::daemon(&node),
         Command::Seed(args) => crate::swarm_commands::seed(&args),
         Command::Fetch(args) => crate::swarm_commands::fetch(&args),
+        Command::Status { api, json } => crate::swarm_commands::status(api, json),
     }
 }
 

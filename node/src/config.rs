@@ -39,6 +39,7 @@ pub struct ConfigFile {
     pub keep_versions: Option<u32>,
     pub node_key: Option<PathBuf>,
     pub publisher_key: Option<PathBuf>,
+    pub api: Option<String>,
 }
 
 /// Settings given on the command line (or through `IMISWARM_*` variables); they win over the
@@ -85,6 +86,9 @@ pub struct NodeFlags {
     /// scripts and tests that start nodes on port 0).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
+    /// Address of the local control API (`/status`, `/metrics`), or `off`.
+    #[arg(long, env = "IMISWARM_API")]
+    pub api: Option<String>,
     /// Testing only: flip a byte in every piece served, to exercise other nodes' bans.
     #[arg(long, hide = true)]
     pub corrupt_uploads: bool,
@@ -108,8 +112,13 @@ pub struct NodeConfig {
     pub node_key: Option<PathBuf>,
     pub publisher_key: Option<PathBuf>,
     pub addr_file: Option<PathBuf>,
+    /// Where the control API listens (`None`: off).
+    pub api: Option<std::net::SocketAddr>,
     pub corrupt_uploads: bool,
 }
+
+/// Where `daemon` and `seed` serve their control API unless told otherwise.
+pub const DEFAULT_API: &str = "127.0.0.1:4501";
 
 /// A setting that is missing or wrong, named.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +229,7 @@ impl NodeFlags {
             node_key: self.node_key.clone().or(file.node_key),
             publisher_key: self.publisher_key.clone().or(file.publisher_key),
             addr_file: self.addr_file.clone(),
+            api: parse_api(self.api.as_ref().or(file.api.as_ref()), repo_required)?,
             corrupt_uploads: self.corrupt_uploads,
         })
     }
@@ -237,6 +247,25 @@ fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
             .unwrap_or_default();
         bad("config", format!("{}: {}{at}", path.display(), e.message()))
     })
+}
+
+/// `off`, or a socket address; unset means [`DEFAULT_API`] for a repository-keeping node
+/// (daemon, seed) and off for a workstation's fetch.
+fn parse_api(
+    text: Option<&String>,
+    default_on: bool,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    match text.map(|t| t.trim()) {
+        Some("off") => Ok(None),
+        Some(t) => t.parse().map(Some).map_err(|_| {
+            bad(
+                "api",
+                format!("{t:?} is not an address like 127.0.0.1:4501, or off"),
+            )
+        }),
+        None if default_on => Ok(Some(DEFAULT_API.parse().expect("valid literal"))),
+        None => Ok(None),
+    }
 }
 
 fn parse_addrs(setting: &str, addrs: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {

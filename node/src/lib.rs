@@ -17,8 +17,10 @@
 //! | [`transfer`] | downloads (the scheduler on real streams), uploads, rate limits |
 //! | [`node`] | a swarm member's decisions: what to fetch, how to answer peers |
 //! | [`member`] | starting a member: identity, network, repository, uploader |
-//! | [`swarm_commands`] | `daemon`, `seed`, `fetch` |
+//! | [`swarm_commands`] | `daemon`, `seed`, `fetch`, `status` |
+//! | [`api`] | the local control API: `/status` and `/metrics` |
 
+pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -30,7 +30,11 @@ pub struct Member {
     pub upload_stats: Arc<UploadStats>,
     pub download_stats: Arc<DownloadStats>,
     pub finished: mpsc::Receiver<Finished>,
+    /// Where the control API listens, if it does.
+    pub api: Option<std::net::SocketAddr>,
     events: mpsc::Receiver<NetEvent>,
+    commands: mpsc::Sender<NodeCommand>,
+    commands_rx: mpsc::Receiver<NodeCommand>,
 }
 
 impl std::fmt::Debug for Member {
@@ -107,6 +111,25 @@ impl Member {
         if let Mode::Follow { repo, .. } = &mode {
             load_repo(repo, &library, &mut node, &trusted)?;
         }
+        let (commands, commands_rx) = mpsc::channel(16);
+        let api = match config.api {
+            Some(addr) => Some(
+                crate::api::start(
+                    addr,
+                    crate::api::ApiState {
+                        net: net.clone(),
+                        library: library.clone(),
+                        upload: upload_stats.clone(),
+                        download: download_stats.clone(),
+                        commands: commands.clone(),
+                        site: config.site.clone(),
+                        role,
+                    },
+                )
+                .await?,
+            ),
+            None => None,
+        };
         Ok(Self {
             net,
             node,
@@ -114,7 +137,10 @@ impl Member {
             upload_stats,
             download_stats,
             finished,
+            api,
             events,
+            commands,
+            commands_rx,
         })
     }
 
@@ -131,8 +157,10 @@ impl Member {
             download_stats,
             finished,
             events,
+            commands,
+            commands_rx,
+            ..
         } = self;
-        let (commands, commands_rx) = mpsc::channel(16);
         let task = tokio::spawn(node.run(events, commands_rx, shutdown));
         Running {
             net,

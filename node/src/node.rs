@@ -46,6 +46,32 @@ pub enum Mode {
 pub enum NodeCommand {
     /// Add a trusted announcement (this node's own publication) to the catalogue.
     Remember(SignedAnnouncement),
+    /// What the node is fetching and which versions it knows, for the status API.
+    Status(tokio::sync::oneshot::Sender<NodeStatus>),
+}
+
+/// The node loop's part of a status report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NodeStatus {
+    pub downloads: Vec<DownloadStatus>,
+    /// The newest known announcement of each image: (image, version, deployed?).
+    pub catalogue: Vec<CatalogueEntry>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DownloadStatus {
+    pub image: String,
+    pub version: u64,
+    #[serde(flatten)]
+    pub progress: DownloadProgress,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CatalogueEntry {
+    pub image: String,
+    pub version: u64,
+    pub state: String,
+    pub manifest: String,
 }
 
 /// How a download ended, for whoever waits on it (the fetch command).
@@ -183,6 +209,9 @@ impl Node {
                 _ = &mut shutdown => break,
                 Some(command) = commands.recv() => match command {
                     NodeCommand::Remember(signed) => self.remember(signed),
+                    NodeCommand::Status(reply) => {
+                        let _ = reply.send(self.status());
+                    }
                 },
                 event = events.recv() => match event {
                     Some(e) => self.on_net_event(e).await,
@@ -527,12 +556,33 @@ impl Node {
         }
     }
 
-    /// Progress of every active download: (image, version, progress).
-    pub fn progress(&self) -> Vec<(String, u64, DownloadProgress)> {
-        self.downloads
+    fn status(&self) -> NodeStatus {
+        let mut downloads: Vec<DownloadStatus> = self
+            .downloads
             .values()
-            .map(|d| (d.image.clone(), d.version, d.progress.borrow().clone()))
-            .collect()
+            .map(|d| DownloadStatus {
+                image: d.image.clone(),
+                version: d.version,
+                progress: d.progress.borrow().clone(),
+            })
+            .collect();
+        downloads.sort_by(|a, b| (&a.image, a.version).cmp(&(&b.image, b.version)));
+        let mut catalogue: Vec<CatalogueEntry> = self
+            .catalogue
+            .values()
+            .filter_map(|v| v.values().next_back())
+            .map(|s| CatalogueEntry {
+                image: s.announcement.image.clone(),
+                version: s.announcement.version,
+                state: format!("{:?}", s.announcement.state).to_lowercase(),
+                manifest: s.announcement.manifest_id.to_hex(),
+            })
+            .collect();
+        catalogue.sort_by(|a, b| a.image.cmp(&b.image));
+        NodeStatus {
+            downloads,
+            catalogue,
+        }
     }
 
     async fn answer(

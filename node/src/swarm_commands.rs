@@ -188,3 +188,70 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
         Ok(outcome)
     })
 }
+
+/// Prints the local node's status report (`--json`: as the API returns it).
+pub fn status(api: std::net::SocketAddr, json: bool) -> anyhow::Result<Outcome> {
+    let body = crate::api::http_get(api, "/status")?;
+    if json {
+        println!("{body}");
+        return Ok(Outcome::Done);
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&body).context("the status report is not JSON")?;
+    let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+    println!(
+        "node {}  site {}  role {}  peers {}",
+        r["peer_id"].as_str().unwrap_or("?"),
+        r["site"].as_str().unwrap_or("?"),
+        r["role"].as_str().unwrap_or("?"),
+        r["peers"].as_array().map_or(0, Vec::len)
+    );
+    for v in r["versions"].as_array().into_iter().flatten() {
+        println!(
+            "  {}@{}  {}  {}/{} pieces",
+            v["image"].as_str().unwrap_or("?"),
+            v["version"],
+            if v["complete"].as_bool() == Some(true) {
+                "complete"
+            } else {
+                "partial"
+            },
+            v["verified_pieces"],
+            v["total_pieces"]
+        );
+    }
+    for d in r["downloads"].as_array().into_iter().flatten() {
+        let sources: Vec<String> = d["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let peer = s["peer"].as_str().unwrap_or("?");
+                format!(
+                    "{}… {:.1} MiB",
+                    &peer[peer.len().saturating_sub(8)..],
+                    mib(&s["bytes"])
+                )
+            })
+            .collect();
+        println!(
+            "  fetching {}@{}: {}/{} pieces, {:.1} MiB/s from {} peers: {}",
+            d["image"].as_str().unwrap_or("?"),
+            d["version"],
+            d["verified_pieces"],
+            d["total_pieces"],
+            mib(&d["rate_bytes_per_sec"]),
+            d["peers"],
+            sources.join(", ")
+        );
+    }
+    let t = &r["totals"];
+    println!(
+        "  totals: uploaded {:.1} MiB, received {:.1} MiB, reused {:.1} MiB, bad pieces {}",
+        mib(&t["uploaded_bytes"]),
+        mib(&t["received_bytes"]),
+        mib(&t["reused_bytes"]),
+        t["bad_pieces"]
+    );
+    Ok(Outcome::Done)
+}

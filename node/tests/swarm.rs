@@ -145,11 +145,18 @@ impl Swarm {
         } else {
             &["--listen", anywhere]
         };
+        // Many nodes share this machine: each control API on a port of its own.
+        let api: &[&str] = if args[0] == "fetch" || extra.contains(&"--api") {
+            &[]
+        } else {
+            &["--api", "127.0.0.1:0"]
+        };
         let child = Command::new(bin())
             .args(["--log-format", "json"])
             .args(args)
             .args(["--trust", &self.publisher_public])
             .args(listen)
+            .args(api)
             .args(extra)
             .env("IMISWARM_LOG", "info")
             .env_remove("IMISWARM_REPO")
@@ -548,4 +555,66 @@ fn swarm_over_quic() {
     }
     seed.stop();
     assert!(daemons.iter().all(|d| d.total("received_bytes") > 0));
+}
+
+#[test]
+fn status_and_metrics_describe_the_daemon() {
+    let mut swarm = Swarm::new();
+    write_image(&swarm.path("seedrepo/lab/1"), 2, 0.0);
+    let mut seed = swarm.seed(1, &[]);
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut d = swarm.daemon("d1", &["--api", &api]);
+    let dir = swarm.path("d1/lab/1");
+    wait_for("d1 to complete", Duration::from_secs(120), || dir.is_dir());
+
+    let out = Command::new(bin())
+        .args(["status", "--json", "--api", &api])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let versions = report["versions"].as_array().unwrap();
+    assert!(
+        versions
+            .iter()
+            .any(|v| v["image"] == "lab" && v["version"] == 1 && v["complete"] == true),
+        "{report}"
+    );
+    assert!(
+        report["totals"]["received_bytes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["peers"].as_array().unwrap().len(),
+        1,
+        "connected to the seed: {report}"
+    );
+    assert_eq!(report["catalogue"][0]["state"], "deployed", "{report}");
+
+    let human = Command::new(bin())
+        .args(["status", "--api", &api])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("lab@1  complete"), "{text}");
+
+    let metrics = imiswarm_node::api::http_get(api.parse().unwrap(), "/metrics").unwrap();
+    assert!(
+        metrics.contains("# TYPE imiswarm_received_bytes_total counter"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("imiswarm_version_pieces{image=\"lab\",version=\"1\"}"),
+        "{metrics}"
+    );
+
+    d.stop();
+    seed.stop();
+    // Nothing listens any more: a clear error, not a hang.
+    let gone = Command::new(bin())
+        .args(["status", "--api", &api])
+        .output()
+        .unwrap();
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("is the daemon running"));
 }

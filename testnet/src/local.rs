@@ -77,6 +77,7 @@ fn config(
         node_key: Some(root.join(format!("{name}.key"))),
         publisher_key: None,
         addr_file: None,
+        api: None,
         corrupt_uploads: false,
     })
 }

@@ -13,7 +13,7 @@
 //!                              └────── PieceOutcome ──────┘
 //! ```
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -69,8 +69,21 @@ pub enum DownloadEvent {
 pub struct DownloadProgress {
     pub verified_pieces: u32,
     pub total_pieces: u32,
+    /// Peers that hold some of this version.
     pub peers: u32,
+    /// Piece bytes this download received from the network.
     pub received_bytes: u64,
+    /// Recent receive rate (exponentially weighted over about two seconds).
+    pub rate_bytes_per_sec: u64,
+    /// Who sent the most, largest first (at most eight).
+    pub sources: Vec<Source>,
+}
+
+/// Bytes received from one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Source {
+    pub peer: String,
+    pub bytes: u64,
 }
 
 /// Shared counters.
@@ -118,6 +131,26 @@ struct PieceOutcome {
     result: Result<usize, Failure>,
 }
 
+/// An exponentially weighted receive rate, updated every tick.
+#[derive(Debug, Default)]
+struct RateMeter {
+    pending: u64,
+    per_sec: f64,
+}
+
+impl RateMeter {
+    fn add(&mut self, bytes: u64) {
+        self.pending += bytes;
+    }
+
+    fn tick(&mut self, every: Duration) {
+        let sample = self.pending as f64 / every.as_secs_f64();
+        // Weight 1/20 per 100 ms tick: about two seconds of memory.
+        self.per_sec += (sample - self.per_sec) / 20.0;
+        self.pending = 0;
+    }
+}
+
 /// Runs a download to completion. `partial` must already be in the library, so its verified
 /// pieces are served while the rest arrives.
 pub async fn run(
@@ -154,12 +187,28 @@ pub async fn run(
     let mut haves: BTreeSet<PieceIndex> = BTreeSet::new();
     let mut tick = tokio::time::interval(TICK);
     let mut last_checkpoint = tokio::time::Instant::now();
-    let publish = |scheduler: &Scheduler<PeerId>, peers: usize| {
+    let mut by_peer: HashMap<PeerId, u64> = HashMap::new();
+    let mut rate = RateMeter::default();
+    let publish = |scheduler: &Scheduler<PeerId>,
+                   peers: usize,
+                   by_peer: &HashMap<PeerId, u64>,
+                   rate: &RateMeter| {
+        let mut sources: Vec<Source> = by_peer
+            .iter()
+            .map(|(p, b)| Source {
+                peer: p.to_string(),
+                bytes: *b,
+            })
+            .collect();
+        sources.sort_by_key(|s| std::cmp::Reverse(s.bytes));
+        sources.truncate(8);
         progress.send_replace(DownloadProgress {
             verified_pieces: total - scheduler.remaining().min(total),
             total_pieces: total,
             peers: peers as u32,
-            received_bytes: ctx.stats.received_bytes.load(Ordering::Relaxed),
+            received_bytes: by_peer.values().sum(),
+            rate_bytes_per_sec: rate.per_sec as u64,
+            sources,
         });
     };
 
@@ -191,7 +240,9 @@ pub async fn run(
             Some(outcome) = outcomes.recv() => {
                 let now = tokio::time::Instant::now().into_std();
                 match outcome.result {
-                    Ok(_) => {
+                    Ok(len) => {
+                        *by_peer.entry(outcome.peer).or_default() += len as u64;
+                        rate.add(len as u64);
                         scheduler.on_complete(outcome.peer, outcome.piece, now);
                         haves.insert(outcome.piece);
                     }
@@ -225,7 +276,8 @@ pub async fn run(
                         .map_err(|_| DownloadError::Stopped)??;
                     last_checkpoint = tokio::time::Instant::now();
                 }
-                publish(&scheduler, peers.len());
+                rate.tick(TICK);
+                publish(&scheduler, peers.len(), &by_peer, &rate);
             }
         }
         let now = tokio::time::Instant::now().into_std();
@@ -240,7 +292,7 @@ pub async fn run(
     }
 
     flush_haves(&ctx.net, partial.id, &mut haves, &interested);
-    publish(&scheduler, peers.len());
+    publish(&scheduler, peers.len(), &by_peer, &rate);
     let p = partial.clone();
     let complete = tokio::task::spawn_blocking(move || p.finish())
         .await

@@ -1,0 +1,261 @@
+//! The local control API: `GET /status` (JSON, what `imiswarm status` prints) and
+//! `GET /metrics` (Prometheus text format). Bound to loopback by default; it only reads.
+//!
+//! Owns the HTTP surface and the report's shape. The figures come from the node loop (through a
+//! [`NodeCommand::Status`] with a oneshot reply), the network handle, the library and the
+//! transfer counters; the API never changes them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::library::Library;
+use crate::net::{NetHandle, Role};
+use crate::node::{NodeCommand, NodeStatus};
+use crate::transfer::download::DownloadStats;
+use crate::transfer::upload::UploadStats;
+
+/// What the API reads from.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub net: NetHandle,
+    pub library: Arc<Library>,
+    pub upload: Arc<UploadStats>,
+    pub download: Arc<DownloadStats>,
+    pub commands: mpsc::Sender<NodeCommand>,
+    pub site: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerReport {
+    pub peer: String,
+    pub site: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VersionReport {
+    pub image: String,
+    pub version: u64,
+    pub manifest: String,
+    pub complete: bool,
+    pub verified_pieces: u32,
+    pub total_pieces: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Totals {
+    pub uploaded_bytes: u64,
+    pub received_bytes: u64,
+    pub reused_bytes: u64,
+    pub bad_pieces: u64,
+    pub busy_answers: u64,
+}
+
+/// The whole `/status` answer.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub peer_id: String,
+    pub site: String,
+    pub role: Role,
+    pub listen: Vec<String>,
+    pub peers: Vec<PeerReport>,
+    pub versions: Vec<VersionReport>,
+    #[serde(flatten)]
+    pub node: NodeStatus,
+    pub totals: Totals,
+}
+
+impl ApiState {
+    pub async fn report(&self) -> StatusReport {
+        let (tx, rx) = oneshot::channel();
+        let node = match self.commands.send(NodeCommand::Status(tx)).await {
+            Ok(()) => rx.await.unwrap_or_default(),
+            Err(_) => NodeStatus::default(),
+        };
+        let mut peers: Vec<PeerReport> = self
+            .net
+            .peers()
+            .await
+            .into_iter()
+            .map(|(peer, info)| PeerReport {
+                peer: peer.to_string(),
+                site: info.site,
+                role: info.role,
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+        StatusReport {
+            peer_id: self.net.local_peer_id.to_string(),
+            site: self.site.clone(),
+            role: self.role,
+            listen: self
+                .net
+                .listen_addrs()
+                .await
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            peers,
+            versions: self
+                .library
+                .summary()
+                .into_iter()
+                .map(
+                    |(id, image, version, complete, verified, total)| VersionReport {
+                        image,
+                        version,
+                        manifest: id.to_hex(),
+                        complete,
+                        verified_pieces: verified,
+                        total_pieces: total,
+                    },
+                )
+                .collect(),
+            node,
+            totals: Totals {
+                uploaded_bytes: self.upload.bytes.load(Ordering::Relaxed),
+                received_bytes: self.download.received_bytes.load(Ordering::Relaxed),
+                reused_bytes: self.download.reused_bytes.load(Ordering::Relaxed),
+                bad_pieces: self.download.bad_pieces.load(Ordering::Relaxed),
+                busy_answers: self.upload.busy.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+async fn status(State(state): State<ApiState>) -> Json<StatusReport> {
+    Json(state.report().await)
+}
+
+async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    let r = state.report().await;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        out.push_str(&format!(
+            "# HELP imiswarm_{name} {help}\n# TYPE imiswarm_{name} {kind}\n"
+        ));
+        for (labels, value) in samples {
+            out.push_str(&format!("imiswarm_{name}{labels} {value}\n"));
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    metric(
+        "uploaded_bytes_total",
+        "counter",
+        "Piece bytes sent to peers.",
+        &one(r.totals.uploaded_bytes),
+    );
+    metric(
+        "received_bytes_total",
+        "counter",
+        "Piece bytes received from peers.",
+        &one(r.totals.received_bytes),
+    );
+    metric(
+        "reused_bytes_total",
+        "counter",
+        "Piece bytes taken from an older local version.",
+        &one(r.totals.reused_bytes),
+    );
+    metric(
+        "bad_pieces_total",
+        "counter",
+        "Pieces that failed their hash check.",
+        &one(r.totals.bad_pieces),
+    );
+    metric(
+        "busy_answers_total",
+        "counter",
+        "Piece requests answered busy, missing or unknown.",
+        &one(r.totals.busy_answers),
+    );
+    metric(
+        "peers",
+        "gauge",
+        "Connected imiswarm peers.",
+        &one(r.peers.len() as u64),
+    );
+    let label = |image: &str, version: u64| format!("{{image=\"{image}\",version=\"{version}\"}}");
+    let versions = |f: fn(&VersionReport) -> u64| -> Vec<(String, u64)> {
+        r.versions
+            .iter()
+            .map(|v| (label(&v.image, v.version), f(v)))
+            .collect()
+    };
+    metric(
+        "version_verified_pieces",
+        "gauge",
+        "Verified pieces of a version held or being fetched.",
+        &versions(|v| u64::from(v.verified_pieces)),
+    );
+    metric(
+        "version_pieces",
+        "gauge",
+        "Pieces of a version.",
+        &versions(|v| u64::from(v.total_pieces)),
+    );
+    let rates: Vec<(String, u64)> = r
+        .node
+        .downloads
+        .iter()
+        .map(|d| (label(&d.image, d.version), d.progress.rate_bytes_per_sec))
+        .collect();
+    metric(
+        "download_rate_bytes",
+        "gauge",
+        "Recent receive rate of a download, bytes per second.",
+        &rates,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Binds `addr` (an error names the setting) and serves the API in a task of its own.
+pub async fn start(addr: SocketAddr, state: ApiState) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("api: cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
+    tracing::info!(%bound, "control API listening");
+    Ok(bound)
+}
+
+/// `GET http://addr/path` for `imiswarm status`: the API is on loopback and answers one small
+/// document, so a plain HTTP/1.0 exchange is all the client needs.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map_err(|e| {
+            anyhow::anyhow!("no imiswarm node answers on {addr} ({e}): is the daemon running?")
+        })?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(16 << 20).read_to_end(&mut response)?;
+    let text = String::from_utf8(response)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed answer from {addr}"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("{addr}{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
+}
