@@ -618,3 +618,82 @@ fn status_and_metrics_describe_the_daemon() {
     assert_eq!(gone.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&gone.stderr).contains("is the daemon running"));
 }
+
+/// A small tmpfs mounted for one test and unmounted on drop. Needs root: without it the test is
+/// skipped with a printed reason, unless IMISWARM_REQUIRE_PRIVILEGED_TESTS is set (as in CI).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount_or_skip(bytes: usize) -> Option<Self> {
+        let required = std::env::var_os("IMISWARM_REQUIRE_PRIVILEGED_TESTS").is_some();
+        let skip = |why: String| {
+            assert!(
+                !required,
+                "IMISWARM_REQUIRE_PRIVILEGED_TESTS is set but {why}"
+            );
+            eprintln!("skipped: {why}");
+            None
+        };
+        let uid = Command::new("id").arg("-u").output().ok();
+        if uid.is_none_or(|o| String::from_utf8_lossy(&o.stdout).trim() != "0") {
+            return skip("mounting a tmpfs needs root".into());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(Self { dir }),
+            other => skip(format!("mount -t tmpfs failed: {other:?}")),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn full_disk_stops_the_download_and_leaves_nothing_complete() {
+    let Some(disk) = Tmpfs::mount_or_skip(3 * MIB) else {
+        return;
+    };
+    let mut swarm = Swarm::new();
+    write_image(&swarm.path("seedrepo/lab/1"), 8, 0.0);
+    let mut seed = swarm.seed(1, &[]);
+    let repo = disk.dir.path().join("repo");
+    // The daemon whose repository sits on the 3 MiB filesystem.
+    let boot = swarm.seed_addr.clone().unwrap();
+    let mut d = swarm.spawn(
+        "small",
+        &[
+            "daemon",
+            "--repo",
+            &repo.display().to_string(),
+            "--bootstrap",
+            &boot,
+        ],
+        &[],
+    );
+    wait_for("the disk-full error", Duration::from_secs(120), || {
+        d.log_text().contains("disk full")
+    });
+    d.stop();
+    seed.stop();
+    assert!(
+        !repo.join("lab/1").exists(),
+        "a version that looks complete was left behind"
+    );
+    assert!(
+        repo.join(".partial/lab/1").is_dir(),
+        "the partial version is kept for later"
+    );
+}
