@@ -697,3 +697,65 @@ fn full_disk_stops_the_download_and_leaves_nothing_complete() {
         "the partial version is kept for later"
     );
 }
+
+#[test]
+fn announcement_whose_manifest_does_not_match_changes_nothing() {
+    let mut swarm = Swarm::new();
+    // A node holds version 1 whose files (and so its manifest) changed after the publisher
+    // signed: the signed manifest id matches nothing anyone can serve.
+    let repo = swarm.path("liar");
+    write_image(&repo.join("lab/1"), 2, 0.0);
+    let run = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    let repo_arg = repo.display().to_string();
+    let key = swarm.path("publisher.key").display().to_string();
+    run(&["manifest", "build", "--repo", &repo_arg, "lab", "1"]);
+    run(&[
+        "announce", "sign", "--repo", &repo_arg, "--key", &key, "lab", "1",
+    ]);
+    std::fs::write(repo.join("lab/1/site.conf"), b"site = somewhere-else\n").unwrap();
+    run(&["manifest", "build", "--repo", &repo_arg, "lab", "1"]);
+
+    let addr_file = swarm.path("liar.addr");
+    let mut liar = swarm.spawn(
+        "liar",
+        &[
+            "daemon",
+            "--repo",
+            &repo_arg,
+            "--addr-file",
+            &addr_file.display().to_string(),
+        ],
+        &[],
+    );
+    wait_for("the node's address", Duration::from_secs(60), || {
+        std::fs::read_to_string(&addr_file).is_ok_and(|s| !s.trim().is_empty())
+    });
+    swarm.seed_addr = Some(
+        std::fs::read_to_string(&addr_file)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned(),
+    );
+    let mut d = swarm.daemon("d1", &[]);
+    wait_for(
+        "d1 to hear the announcement",
+        Duration::from_secs(60),
+        || d.log_text().contains("fetching new version"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    d.stop();
+    liar.stop();
+    assert!(
+        !swarm.path("d1/lab").exists(),
+        "a version appeared without its signed manifest"
+    );
+    assert!(
+        !swarm.path("d1/.partial/lab").exists(),
+        "a download started without a manifest matching the signed id"
+    );
+}
