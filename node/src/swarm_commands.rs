@@ -156,6 +156,25 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
         });
         let deadline = tokio::time::sleep(Duration::from_secs(args.timeout));
         tokio::pin!(deadline);
+        // A bar for the person at the console (hidden when stderr is not a terminal).
+        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} pieces ({percent}%) eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("fetching {image}"));
+        let library = running.library.clone();
+        let ticker = bar.clone();
+        let show = tokio::spawn(async move {
+            loop {
+                if let Some(s) = library.summary().into_iter().find(|s| !s.3) {
+                    ticker.set_length(u64::from(s.5));
+                    ticker.set_position(u64::from(s.4));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
         let outcome = tokio::select! {
             finished = running.finished.recv() => match finished {
                 Some(Finished::Complete { dir, version, .. }) => {
@@ -178,6 +197,8 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
                 if started { Outcome::Failed } else { Outcome::NotFound }
             }
         };
+        show.abort();
+        bar.finish_and_clear();
         if outcome == Outcome::Done && args.linger > 0 {
             tracing::info!(seconds = args.linger, "lingering to serve pieces");
             tokio::time::sleep(Duration::from_secs(args.linger)).await;
