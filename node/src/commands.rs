@@ -54,12 +54,7 @@ fn manifest(cmd: ManifestCommand) -> anyhow::Result<Outcome> {
             )?;
             progress.finish();
             let id = repo::write_manifest(&version.repo, &manifest)?;
-            let zero = manifest
-                .files
-                .iter()
-                .flat_map(|f| &f.pieces)
-                .filter(|p| p.is_zero())
-                .count();
+            let zero = manifest.zero_pieces();
             println!(
                 "{id}  {}@{}  {} files, {} bytes, {} pieces ({zero} all-zero)",
                 manifest.image,

@@ -123,19 +123,8 @@ impl Library {
     pub fn set_origin(&self, id: Hash) {
         let mut inner = self.write();
         if let Some(c) = inner.complete.get(&id).cloned() {
-            let mut travelling = Bitfield::new(c.layout().piece_count());
-            let mut index = 0;
-            for f in &c.manifest.files {
-                for p in &f.pieces {
-                    if !p.is_zero() {
-                        travelling.set(index);
-                    }
-                    index += 1;
-                }
-            }
-            inner
-                .origin
-                .insert(id, SuperSeed::new(&travelling, DEFAULT_HOLD));
+            let policy = SuperSeed::new(&c.manifest.travelling(), DEFAULT_HOLD);
+            inner.origin.insert(id, policy);
         }
     }
 

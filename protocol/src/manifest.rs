@@ -232,6 +232,23 @@ impl Manifest {
         self.files.iter().map(|f| f.pieces.len() as u32).sum()
     }
 
+    /// The pieces that travel: every piece that is not all zeros.
+    pub fn travelling(&self) -> crate::bitfield::Bitfield {
+        let mut bits = crate::bitfield::Bitfield::new(self.piece_count());
+        let pieces = self.files.iter().flat_map(|f| &f.pieces);
+        for (index, piece) in pieces.enumerate() {
+            if !piece.is_zero() {
+                bits.set(index as PieceIndex);
+            }
+        }
+        bits
+    }
+
+    /// Number of all-zero pieces (they never travel).
+    pub fn zero_pieces(&self) -> u32 {
+        self.piece_count() - self.travelling().count_ones()
+    }
+
     /// Precomputes the index -> location map.
     pub fn layout(&self) -> Layout {
         let mut first_piece = Vec::with_capacity(self.files.len());
@@ -607,6 +624,8 @@ mod tests {
         assert!(disk.pieces[1].is_zero());
         assert!(disk.pieces[2].matches(&[7u8; 100]));
         assert_eq!(m.total_size(), u64::from(PS) * 2 + 110);
+        assert_eq!(m.zero_pieces(), 1);
+        assert_eq!(m.travelling().iter_zeros().collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]

@@ -215,12 +215,7 @@ pub fn run_demo(workdir: Option<PathBuf>) -> anyhow::Result<()> {
     )?;
     progress.finish();
     let id = repo::write_manifest(&repo_dir, &manifest)?;
-    let zero = manifest
-        .files
-        .iter()
-        .flat_map(|f| &f.pieces)
-        .filter(|p| p.is_zero())
-        .count();
+    let zero = manifest.zero_pieces();
     println!(
         "   manifest {id}: {} files, {} pieces, {zero} all-zero (never sent)",
         manifest.files.len(),
@@ -346,8 +341,8 @@ fn mib(b: u64) -> f64 {
 /// Bytes that travel: every piece that is not all zeros.
 fn travelling_bytes(m: &imiswarm_protocol::Manifest) -> u64 {
     let layout = m.layout();
-    (0..layout.piece_count())
-        .filter(|&i| m.piece_hash(&layout, i).is_some_and(|p| !p.is_zero()))
+    m.travelling()
+        .iter_ones()
         .filter_map(|i| layout.locate(i))
         .map(|l| u64::from(l.len))
         .sum()
