@@ -209,6 +209,8 @@ pub struct PartialVersion {
     pub paths: VersionPaths,
     pub manifest: Manifest,
     pub id: Hash,
+    /// Canonical manifest bytes, kept to answer peers without re-encoding.
+    manifest_bytes: Vec<u8>,
     layout: Layout,
     files: Vec<File>,
     state: Mutex<PartialState>,
@@ -265,6 +267,7 @@ impl PartialVersion {
             paths,
             manifest,
             id,
+            manifest_bytes: bytes,
             layout,
             files,
             state: Mutex::new(PartialState {
@@ -286,9 +289,7 @@ impl PartialVersion {
 
     /// The canonical bytes of this version's manifest.
     pub fn manifest_bytes(&self) -> Vec<u8> {
-        // Encoding a manifest that decoded or was built is infallible in practice; an empty
-        // answer makes the requester's id check fail cleanly if it ever were not.
-        self.manifest.encode().unwrap_or_default()
+        self.manifest_bytes.clone()
     }
 
     /// The pieces verified so far (including all-zero pieces).

@@ -13,7 +13,7 @@
 
 pub mod codec;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -704,9 +704,6 @@ pub fn keypair_from_seed(seed: [u8; 32]) -> identity::Keypair {
     // ed25519_from_bytes only fails for a slice that is not 32 bytes long.
     identity::Keypair::ed25519_from_bytes(seed).expect("a 32-byte seed is a valid ed25519 key")
 }
-
-/// Peers we have seen, by id, for callers that track sets.
-pub type PeerSet = HashSet<PeerId>;
 
 #[cfg(test)]
 mod tests {
