@@ -59,6 +59,10 @@ pub struct Totals {
     pub reused_bytes: u64,
     pub bad_pieces: u64,
     pub busy_answers: u64,
+    /// Piece bytes received, by the sender's site.
+    pub received_by_site: std::collections::BTreeMap<String, u64>,
+    /// Piece bytes received from sites other than this node's.
+    pub cross_site_bytes: u64,
 }
 
 /// The whole `/status` answer.
@@ -94,6 +98,7 @@ impl ApiState {
             })
             .collect();
         peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+        let by_site = self.download.by_site();
         StatusReport {
             peer_id: self.net.local_peer_id.to_string(),
             site: self.site.clone(),
@@ -128,6 +133,12 @@ impl ApiState {
                 reused_bytes: self.download.reused_bytes.load(Ordering::Relaxed),
                 bad_pieces: self.download.bad_pieces.load(Ordering::Relaxed),
                 busy_answers: self.upload.busy.load(Ordering::Relaxed),
+                cross_site_bytes: by_site
+                    .iter()
+                    .filter(|(site, _)| **site != self.site)
+                    .map(|(_, n)| n)
+                    .sum(),
+                received_by_site: by_site,
             },
         }
     }
@@ -139,14 +150,9 @@ async fn status(State(state): State<ApiState>) -> Json<StatusReport> {
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     let r = state.report().await;
-    let mut out = String::new();
+    let mut text = Metrics::default();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        out.push_str(&format!(
-            "# HELP imiswarm_{name} {help}\n# TYPE imiswarm_{name} {kind}\n"
-        ));
-        for (labels, value) in samples {
-            out.push_str(&format!("imiswarm_{name}{labels} {value}\n"));
-        }
+        text.family(name, kind, help, samples)
     };
     let one = |v: u64| vec![(String::new(), v)];
     metric(
@@ -178,6 +184,24 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
         "counter",
         "Piece requests answered busy, missing or unknown.",
         &one(r.totals.busy_answers),
+    );
+    let by_site: Vec<(String, u64)> = r
+        .totals
+        .received_by_site
+        .iter()
+        .map(|(site, n)| (format!("{{from_site=\"{site}\"}}"), *n))
+        .collect();
+    metric(
+        "received_bytes_by_site_total",
+        "counter",
+        "Piece bytes received, by the sending peer's site.",
+        &by_site,
+    );
+    metric(
+        "cross_site_bytes_total",
+        "counter",
+        "Piece bytes received from peers of other sites (the origin included).",
+        &one(r.totals.cross_site_bytes),
     );
     metric(
         "peers",
@@ -216,19 +240,50 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
         "Recent receive rate of a download, bytes per second.",
         &rates,
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    text.into_response()
+}
+
+/// Prometheus text exposition, one metric family at a time.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    out: String,
+}
+
+impl Metrics {
+    /// Adds `imiswarm_<name>` with its samples: (`{label="value",...}` or empty, value).
+    pub fn family(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+        self.out.push_str(&format!(
+            "# HELP imiswarm_{name} {help}\n# TYPE imiswarm_{name} {kind}\n"
+        ));
+        for (labels, value) in samples {
+            self.out
+                .push_str(&format!("imiswarm_{name}{labels} {value}\n"));
+        }
+    }
+
+    pub fn into_response(self) -> impl IntoResponse {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            self.out,
+        )
+    }
 }
 
 /// Binds `addr` (an error names the setting) and serves the API in a task of its own.
 pub async fn start(addr: SocketAddr, state: ApiState) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("api: cannot listen on {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(state);
+    serve(addr, app).await
+}
+
+/// Binds `addr` and serves `app` in a task of its own; returns the bound address.
+pub async fn serve(addr: SocketAddr, app: Router) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("api: cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "control API stopped");

@@ -54,6 +54,18 @@ pub enum Command {
     Seed(SeedArgs),
     /// Fetch one version into a directory (a workstation at boot), then exit.
     Fetch(FetchArgs),
+    /// Run a tracker: who holds which version at which site, and the catalogue of signed
+    /// announcements for late joiners (kept in a database across restarts).
+    Tracker {
+        #[command(flatten)]
+        node: NodeFlags,
+    },
+    /// Withdraw a version: sign its retirement and gossip it. Daemons drop it once nothing
+    /// local uses it.
+    Retire(RetireArgs),
+    /// Use a version of the repository (an NBD or NFS export, a VM): hold it against retention
+    /// while COMMAND runs, or until interrupted when there is no command.
+    Export(ExportArgs),
     /// Ask the local daemon what it holds, what it is fetching, at what rate, from whom.
     Status {
         /// The node's control API address.
@@ -88,9 +100,10 @@ pub struct FetchArgs {
     /// IMAGE (the latest deployed version) or IMAGE@VERSION.
     #[arg(value_parser = parse_target)]
     pub target: (String, Option<u64>),
-    /// Directory to create with the version's files.
+    /// Directory to create with the version's files (or give --repo to fetch into a
+    /// repository, where it is held against retention while this command runs).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Keep serving the fetched pieces to others for this many seconds.
     #[arg(long, default_value_t = 0)]
     pub linger: u64,
@@ -99,6 +112,38 @@ pub struct FetchArgs {
     pub timeout: u64,
     #[command(flatten)]
     pub node: NodeFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// IMAGE@VERSION to retire.
+    #[arg(value_parser = parse_exact_target)]
+    pub target: (String, u64),
+    /// How long to stay in the swarm so the retirement reaches every peer.
+    #[arg(long, default_value_t = 5)]
+    pub linger: u64,
+    #[command(flatten)]
+    pub node: NodeFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// IMAGE@VERSION to hold.
+    #[arg(value_parser = parse_exact_target)]
+    pub target: (String, u64),
+    /// The repository holding it.
+    #[arg(long, env = "IMISWARM_REPO")]
+    pub repo: PathBuf,
+    /// The command that uses the version, run with IMISWARM_VERSION_DIR set to its directory.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_exact_target(s: &str) -> Result<(String, u64), String> {
+    match parse_target(s)? {
+        (image, Some(version)) => Ok((image, version)),
+        (_, None) => Err("expected IMAGE@VERSION".into()),
+    }
 }
 
 fn parse_target(s: &str) -> Result<(String, Option<u64>), String> {

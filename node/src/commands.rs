@@ -22,6 +22,9 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Seed(args) => crate::swarm_commands::seed(&args),
         Command::Fetch(args) => crate::swarm_commands::fetch(&args),
         Command::Status { api, json } => crate::swarm_commands::status(api, json),
+        Command::Tracker { node } => crate::tracker_service::run(&node),
+        Command::Retire(args) => crate::swarm_commands::retire(&args),
+        Command::Export(args) => crate::swarm_commands::export(&args),
     }
 }
 

@@ -16,6 +16,8 @@
 //! keep_versions = 2
 //! node_key = "/etc/imiswarm/node.key"     # made on first start if missing
 //! publisher_key = "/etc/imiswarm/publisher.key"   # only where `seed` runs
+//! mdns = false                            # find peers on the LAN by multicast
+//! database = "/var/lib/imiswarm/tracker.redb"     # only where `tracker` runs
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -40,6 +42,8 @@ pub struct ConfigFile {
     pub node_key: Option<PathBuf>,
     pub publisher_key: Option<PathBuf>,
     pub api: Option<String>,
+    pub mdns: Option<bool>,
+    pub database: Option<PathBuf>,
 }
 
 /// Settings given on the command line (or through `IMISWARM_*` variables); they win over the
@@ -89,6 +93,12 @@ pub struct NodeFlags {
     /// Address of the local control API (`/status`, `/metrics`), or `off`.
     #[arg(long, env = "IMISWARM_API")]
     pub api: Option<String>,
+    /// Find peers on the local network with mDNS (off unless set).
+    #[arg(long)]
+    pub mdns: bool,
+    /// The tracker's catalogue database (for `tracker`; default `<repo>/tracker.redb`).
+    #[arg(long, env = "IMISWARM_DATABASE")]
+    pub database: Option<PathBuf>,
     /// Testing only: flip a byte in every piece served, to exercise other nodes' bans.
     #[arg(long, hide = true)]
     pub corrupt_uploads: bool,
@@ -114,11 +124,17 @@ pub struct NodeConfig {
     pub addr_file: Option<PathBuf>,
     /// Where the control API listens (`None`: off).
     pub api: Option<std::net::SocketAddr>,
+    pub mdns: bool,
+    pub database: Option<PathBuf>,
     pub corrupt_uploads: bool,
 }
 
 /// Where `daemon` and `seed` serve their control API unless told otherwise.
 pub const DEFAULT_API: &str = "127.0.0.1:4501";
+/// Where `tracker` serves its status API unless told otherwise.
+pub const DEFAULT_TRACKER_API: &str = "127.0.0.1:4502";
+/// Where `tracker` listens for peers unless told otherwise.
+pub const DEFAULT_TRACKER_PORT: u16 = 4400;
 
 /// A setting that is missing or wrong, named.
 #[derive(Debug, thiserror::Error)]
@@ -138,15 +154,17 @@ fn bad(setting: &str, problem: impl std::fmt::Display) -> ConfigError {
 impl NodeFlags {
     /// Reads the file (if any), applies the flags over it and checks everything.
     pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
-        self.resolve_as(true, 4500)
+        self.resolve_as(true, 4500, Some(DEFAULT_API))
     }
 
     /// Like [`Self::resolve`]; `repo_required` false lets a workstation's `fetch` run without
-    /// a repository, and `default_port` is where to listen when nothing says (0: any free).
+    /// a repository, `default_port` is where to listen when nothing says (0: any free), and
+    /// `default_api` where the control API listens when nothing says (`None`: off).
     pub fn resolve_as(
         &self,
         repo_required: bool,
         default_port: u16,
+        default_api: Option<&str>,
     ) -> Result<NodeConfig, ConfigError> {
         let file = match &self.config {
             Some(path) => read_file(path)?,
@@ -229,7 +247,9 @@ impl NodeFlags {
             node_key: self.node_key.clone().or(file.node_key),
             publisher_key: self.publisher_key.clone().or(file.publisher_key),
             addr_file: self.addr_file.clone(),
-            api: parse_api(self.api.as_ref().or(file.api.as_ref()), repo_required)?,
+            api: parse_api(self.api.as_ref().or(file.api.as_ref()), default_api)?,
+            mdns: self.mdns || file.mdns.unwrap_or(false),
+            database: self.database.clone().or(file.database),
             corrupt_uploads: self.corrupt_uploads,
         })
     }
@@ -249,23 +269,25 @@ fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     })
 }
 
-/// `off`, or a socket address; unset means [`DEFAULT_API`] for a repository-keeping node
-/// (daemon, seed) and off for a workstation's fetch.
+/// `off`, or a socket address; unset means the command's default ([`DEFAULT_API`] for a
+/// repository-keeping node, [`DEFAULT_TRACKER_API`] for a tracker, off for a workstation's
+/// fetch).
 fn parse_api(
     text: Option<&String>,
-    default_on: bool,
+    default: Option<&str>,
 ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-    match text.map(|t| t.trim()) {
-        Some("off") => Ok(None),
-        Some(t) => t.parse().map(Some).map_err(|_| {
-            bad(
-                "api",
-                format!("{t:?} is not an address like 127.0.0.1:4501, or off"),
-            )
-        }),
-        None if default_on => Ok(Some(DEFAULT_API.parse().expect("valid literal"))),
-        None => Ok(None),
+    let Some(text) = text.map(|t| t.trim()).or(default) else {
+        return Ok(None);
+    };
+    if text == "off" {
+        return Ok(None);
     }
+    text.parse().map(Some).map_err(|_| {
+        bad(
+            "api",
+            format!("{text:?} is not an address like 127.0.0.1:4501, or off"),
+        )
+    })
 }
 
 fn parse_addrs(setting: &str, addrs: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod keys;
+pub mod lease;
 pub mod library;
 pub mod member;
 pub mod net;
@@ -33,6 +34,7 @@ pub mod progress;
 pub mod repo;
 pub mod store;
 pub mod swarm_commands;
+pub mod tracker_service;
 pub mod transfer;
 
 /// How a command ended, as the process exit code tells scripts.

@@ -93,6 +93,14 @@ impl Library {
         self.write().partial.insert(version.id, version);
     }
 
+    /// Stops serving a complete version (retention); uploads under way finish from their
+    /// open files.
+    pub fn remove_complete(&self, id: &Hash) {
+        let mut inner = self.write();
+        inner.complete.remove(id);
+        inner.origin.remove(id);
+    }
+
     pub fn remove_partial(&self, id: &Hash) {
         self.write().partial.remove(id);
     }

@@ -57,26 +57,42 @@ fn node_keypair(config: &NodeConfig) -> anyhow::Result<libp2p::identity::Keypair
     Ok(net::keypair_from_seed(key.seed()))
 }
 
+/// Starts the network layer as `config` says and writes the listen addresses to the address
+/// file, if one is set (for scripts and tests that start nodes on port 0).
+pub async fn start_net(
+    config: &NodeConfig,
+    role: Role,
+    trusted: &TrustedKeys,
+) -> anyhow::Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
+    let (net, events) = net::start(NetConfig {
+        keypair: node_keypair(config)?,
+        listen: config.listen.clone(),
+        bootstrap: config.bootstrap.clone(),
+        site: config.site.clone(),
+        role,
+        trusted: trusted.clone(),
+        mdns: config.mdns,
+    })
+    .await?;
+    if let Some(path) = &config.addr_file {
+        let text: String = net
+            .listen_addrs()
+            .await
+            .iter()
+            .map(|a| format!("{a}\n"))
+            .collect();
+        crate::repo::write_atomic(path, text.as_bytes())?;
+    }
+    Ok((net, events))
+}
+
 impl Member {
     pub async fn start(config: &NodeConfig, role: Role, mode: Mode) -> anyhow::Result<Self> {
         let trusted = TrustedKeys::new(config.trusted.iter().copied());
         if trusted.is_empty() {
             tracing::warn!("no trusted publisher keys: every announcement will be refused");
         }
-        let (net, events) = net::start(NetConfig {
-            keypair: node_keypair(config)?,
-            listen: config.listen.clone(),
-            bootstrap: config.bootstrap.clone(),
-            site: config.site.clone(),
-            role,
-            trusted: trusted.clone(),
-        })
-        .await?;
-        let addrs = net.listen_addrs().await;
-        if let Some(path) = &config.addr_file {
-            let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-            crate::repo::write_atomic(path, text.as_bytes())?;
-        }
+        let (net, events) = start_net(config, role, &trusted).await?;
 
         let library = Arc::new(Library::default());
         let upload_stats = Arc::new(UploadStats::default());
@@ -174,23 +190,24 @@ impl Member {
     }
 }
 
-/// Gossips an announcement, retrying until some peer has heard it; nodes that connect later
-/// read it from the catalogue.
-pub fn spawn_gossip(net: NetHandle, bytes: Vec<u8>) {
+/// Gossips an announcement, retrying (for up to ten minutes) until some peer has heard it;
+/// nodes that connect later read it from the catalogue. The task ends with whether it was sent.
+pub fn spawn_gossip(net: NetHandle, bytes: Vec<u8>) -> tokio::task::JoinHandle<bool> {
     tokio::spawn(async move {
         for _ in 0..600 {
             match net.publish(bytes.clone()).await {
                 Ok(()) => {
                     tracing::info!("announcement gossiped");
-                    return;
+                    return true;
                 }
                 // Content-addressed ids: this exact announcement is already out.
-                Err(e) if e.to_string().contains("Duplicate") => return,
+                Err(e) if e.to_string().contains("Duplicate") => return true,
                 Err(e) => tracing::debug!(error = %e, "gossip not delivered yet"),
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
-    });
+        false
+    })
 }
 
 /// A member whose node loop runs in its own task.

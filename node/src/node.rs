@@ -1,6 +1,8 @@
 //! A swarm member: hears announcements, decides what to fetch, answers peers, starts downloads.
 //!
-//! Owns the catalogue of announcements this node has verified and the set of active downloads.
+//! Owns the catalogue of announcements this node has verified, the set of active downloads,
+//! what this node tells trackers and the DHT it holds, and retention (which versions a daemon
+//! keeps).
 //! One task runs [`Node::run`]; everything slow (asking peers, fetching a manifest, opening a
 //! version on disk) runs in tasks of its own and reports back through a bounded channel, so
 //! answering a peer never waits on the disk or another peer. It must not touch the swarm
@@ -9,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imiswarm_protocol::announce::{Lifecycle, SignedAnnouncement, TrustedKeys};
 use imiswarm_protocol::codec::WireFormat;
@@ -17,7 +19,7 @@ use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::limits::MAX_CATALOGUE;
 use imiswarm_protocol::manifest::Manifest;
 use imiswarm_protocol::scheduler::Locality;
-use imiswarm_protocol::wire::{ControlRequest, ControlResponse};
+use imiswarm_protocol::wire::{ControlRequest, ControlResponse, Holding};
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 use tokio::sync::{mpsc, watch};
@@ -31,14 +33,45 @@ use crate::transfer::download::{self, DownloadContext, DownloadEvent, DownloadPr
 #[derive(Debug, Clone)]
 pub enum Mode {
     /// A daemon (or seed): keep the deployed versions of these images (empty: all) in `repo`.
-    Follow { repo: PathBuf, images: Vec<String> },
+    /// With `keep`, only the newest `keep` versions of each image stay, and retired versions
+    /// go once nothing local uses them; the origin's repository (`None`) is never pruned.
+    Follow {
+        repo: PathBuf,
+        images: Vec<String>,
+        keep: Option<u32>,
+    },
+    /// A member that wants nothing and holds nothing: it only gossips (`retire`).
+    Publish,
     /// A workstation's fetch: one version of one image (the latest deployed if `version` is
-    /// None) into `out`.
+    /// None) into `into`.
     Fetch {
         image: String,
         version: Option<u64>,
-        out: PathBuf,
+        into: Destination,
     },
+}
+
+/// Where a fetch puts the version.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A new directory of its own.
+    Dir(PathBuf),
+    /// `<repo>/<image>/<version>/`, with its manifest and announcement, as a daemon keeps it.
+    Repo(PathBuf),
+}
+
+impl Mode {
+    /// The repository this member keeps versions in, if it keeps them in one.
+    fn repo(&self) -> Option<&std::path::Path> {
+        match self {
+            Mode::Follow { repo, .. }
+            | Mode::Fetch {
+                into: Destination::Repo(repo),
+                ..
+            } => Some(repo),
+            Mode::Fetch { .. } | Mode::Publish => None,
+        }
+    }
 }
 
 /// What the rest of the process may ask of a running node.
@@ -98,7 +131,11 @@ struct ActiveDownload {
 }
 
 enum Internal {
-    Announcements(Vec<Vec<u8>>),
+    /// A peer's catalogue (a tracker's, or a node's).
+    Announcements {
+        list: Vec<Vec<u8>>,
+        from_tracker: bool,
+    },
     ManifestFetched {
         signed: SignedAnnouncement,
         result: Result<Manifest, String>,
@@ -113,14 +150,13 @@ enum Internal {
         bitfield: imiswarm_protocol::Bitfield,
     },
     /// The peer holds none of the version (yet); it may be asked again later.
-    NotHeld {
-        id: Hash,
-        peer: PeerId,
-    },
+    NotHeld { id: Hash, peer: PeerId },
     DownloadDone {
         id: Hash,
         result: Result<Arc<CompleteVersion>, String>,
     },
+    /// Retention found the version in use at the last moment: try again later.
+    RemovalDeferred { id: Hash },
 }
 
 /// The state of one swarm member.
@@ -137,6 +173,16 @@ pub struct Node {
     /// Manifest ids being resolved or opened (not yet a download).
     starting: HashSet<Hash>,
     peers: HashMap<PeerId, PeerInfo>,
+    /// Connected trackers: told what this node holds, asked who holds what it fetches.
+    trackers: HashSet<PeerId>,
+    /// What this node last told the trackers, and when.
+    registered: (Vec<Holding>, Option<Instant>),
+    /// Versions this node announces in the DHT.
+    provided: HashSet<Hash>,
+    /// When holders of the active downloads were last looked up.
+    last_lookup: Option<Instant>,
+    /// Versions being removed (retention), so a slow removal is not started twice.
+    removing: HashSet<Hash>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     finished: mpsc::Sender<Finished>,
@@ -171,6 +217,11 @@ impl Node {
             downloads: HashMap::new(),
             starting: HashSet::new(),
             peers: HashMap::new(),
+            trackers: HashSet::new(),
+            registered: (Vec::new(), None),
+            provided: HashSet::new(),
+            last_lookup: None,
+            removing: HashSet::new(),
             internal_tx,
             internal_rx,
             finished,
@@ -204,9 +255,12 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = tick.tick() => self.on_tick(),
                 Some(command) = commands.recv() => match command {
                     NodeCommand::Remember(signed) => self.remember(signed),
                     NodeCommand::Status(reply) => {
@@ -228,6 +282,172 @@ impl Node {
         }
     }
 
+    /// Periodic chores: the DHT, the trackers, lookups for active downloads, retention.
+    fn on_tick(&mut self) {
+        let summary = self.library.summary();
+        let held: HashSet<Hash> = summary.iter().map(|v| v.0).collect();
+        for id in held.difference(&self.provided) {
+            let (net, id) = (self.net.clone(), *id);
+            tokio::spawn(async move { net.provide(id, true).await });
+        }
+        for id in self.provided.difference(&held) {
+            let (net, id) = (self.net.clone(), *id);
+            tokio::spawn(async move { net.provide(id, false).await });
+        }
+        self.provided = held;
+
+        let holdings: Vec<Holding> = summary
+            .into_iter()
+            .take(imiswarm_protocol::limits::MAX_HOLDINGS)
+            .map(
+                |(manifest_id, image, version, _, verified, total)| Holding {
+                    manifest_id,
+                    image,
+                    version,
+                    verified,
+                    total,
+                },
+            )
+            .collect();
+        let (last, at) = &self.registered;
+        let since = at.map(|t| t.elapsed());
+        let changed = *last != holdings && since.is_none_or(|s| s >= REGISTER_MIN_GAP);
+        if changed || since.is_none_or(|s| s >= REGISTER_EVERY) {
+            for &tracker in &self.trackers {
+                self.register_with(tracker, holdings.clone());
+            }
+            self.registered = (holdings, Some(Instant::now()));
+        }
+
+        if !self.downloads.is_empty()
+            && self.last_lookup.is_none_or(|t| t.elapsed() >= LOOKUP_EVERY)
+        {
+            self.last_lookup = Some(Instant::now());
+            let ids: Vec<Hash> = self.downloads.keys().copied().collect();
+            for id in ids {
+                self.find_holders(id);
+            }
+        }
+        self.enforce_retention();
+    }
+
+    fn register_with(&self, tracker: PeerId, holdings: Vec<Holding>) {
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            if let Err(e) = net
+                .request(tracker, ControlRequest::Register { holdings })
+                .await
+            {
+                tracing::debug!(%tracker, error = %e, "registration not delivered");
+            }
+        });
+    }
+
+    /// Asks the trackers, then the DHT, who holds version `id`, and dials those not connected.
+    fn find_holders(&self, id: Hash) {
+        let net = self.net.clone();
+        let trackers: Vec<PeerId> = self.trackers.iter().copied().collect();
+        let known: HashSet<PeerId> = self.peers.keys().copied().collect();
+        tokio::spawn(async move {
+            let mut dialled = 0usize;
+            for tracker in trackers {
+                if let Ok(ControlResponse::Holders { holders }) = net
+                    .request(tracker, ControlRequest::Holders { manifest_id: id })
+                    .await
+                {
+                    for holder in &holders {
+                        if let Some((peer, addrs)) = crate::net::record_addrs(&holder.peer)
+                            && peer != net.local_peer_id
+                            && !known.contains(&peer)
+                        {
+                            dialled += 1;
+                            for addr in addrs {
+                                net.dial(addr.with(libp2p::multiaddr::Protocol::P2p(peer)))
+                                    .await;
+                            }
+                        }
+                    }
+                }
+            }
+            let providers = net.providers(id).await;
+            if !providers.is_empty() {
+                tracing::info!(manifest = %id, providers = providers.len(), "found holders in the DHT");
+            }
+            for peer in providers {
+                if !known.contains(&peer) {
+                    dialled += 1;
+                    net.dial_peer(peer).await;
+                }
+            }
+            if dialled > 0 {
+                tracing::debug!(manifest = %id, dialled, "dialled holders");
+            }
+        });
+    }
+
+    /// A daemon keeps the newest `keep` versions of each image and drops retired ones, except
+    /// while something local uses them (a lease: an export, a lingering fetch).
+    fn enforce_retention(&mut self) {
+        let Mode::Follow {
+            repo,
+            keep: Some(keep),
+            ..
+        } = &self.mode
+        else {
+            return;
+        };
+        let mut by_image: BTreeMap<String, Vec<(u64, Hash)>> = BTreeMap::new();
+        for (id, image, version, complete, _, _) in self.library.summary() {
+            if complete {
+                by_image.entry(image).or_default().push((version, id));
+            }
+        }
+        for (image, mut versions) in by_image {
+            versions.sort_by_key(|v| std::cmp::Reverse(v.0));
+            for (rank, (version, id)) in versions.into_iter().enumerate() {
+                let retired = self
+                    .catalogue
+                    .get(&image)
+                    .and_then(|v| v.get(&version))
+                    .is_some_and(|s| {
+                        s.announcement.state == Lifecycle::Retired
+                            && s.announcement.manifest_id == id
+                    });
+                if !retired && rank < *keep as usize {
+                    continue;
+                }
+                if self.removing.contains(&id) || crate::lease::in_use(repo, &image, version) {
+                    continue;
+                }
+                let why = if retired {
+                    "retired"
+                } else {
+                    "older than the newest kept"
+                };
+                self.removing.insert(id);
+                let (repo, image) = (repo.clone(), image.clone());
+                let (library, internal) = (self.library.clone(), self.internal_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let in_use = || crate::lease::in_use(&repo, &image, version);
+                    match crate::repo::remove_version(&repo, &image, version, in_use) {
+                        Ok(true) => {
+                            // Uploads under way finish from the files they hold open.
+                            library.remove_complete(&id);
+                            tracing::info!(%image, version, why, "removed version");
+                        }
+                        Ok(false) => {
+                            tracing::info!(%image, version, "version taken into use: kept");
+                            let _ = internal.blocking_send(Internal::RemovalDeferred { id });
+                        }
+                        Err(e) => {
+                            tracing::error!(%image, version, error = %e, "cannot remove version");
+                        }
+                    }
+                });
+            }
+        }
+    }
+
     fn locality(&self, peer: &PeerId) -> Locality {
         match self.peers.get(peer) {
             Some(info) if info.role == Role::Seed => Locality::Origin,
@@ -244,12 +464,18 @@ impl Node {
                 request,
                 channel,
             } => self.answer(peer, request, channel).await,
-            NetEvent::PeerIdentified { peer, info } => {
+            NetEvent::PeerIdentified { peer, info, .. } => {
+                let tracker = info.role == Role::Tracker;
                 self.peers.insert(peer, info);
+                if tracker {
+                    self.trackers.insert(peer);
+                    self.register_with(peer, self.registered.0.clone());
+                }
                 self.on_new_peer(peer);
             }
             NetEvent::PeerGone { peer } => {
                 self.peers.remove(&peer);
+                self.trackers.remove(&peer);
                 for d in self.downloads.values_mut() {
                     d.queried.remove(&peer);
                     let _ = d.events.try_send(DownloadEvent::PeerGone { peer });
@@ -262,6 +488,7 @@ impl Node {
     fn on_new_peer(&mut self, peer: PeerId) {
         let net = self.net.clone();
         let internal = self.internal_tx.clone();
+        let from_tracker = self.trackers.contains(&peer);
         tokio::spawn(async move {
             if let Ok(ControlResponse::Peers { peers }) =
                 net.request(peer, ControlRequest::Peers).await
@@ -280,9 +507,17 @@ impl Node {
             if let Ok(ControlResponse::Catalogue { announcements }) =
                 net.request(peer, ControlRequest::Catalogue).await
             {
-                let _ = internal.send(Internal::Announcements(announcements)).await;
+                let _ = internal
+                    .send(Internal::Announcements {
+                        list: announcements,
+                        from_tracker,
+                    })
+                    .await;
             }
         });
+        if self.trackers.contains(&peer) {
+            return; // a tracker holds no pieces
+        }
         let ids: Vec<Hash> = self.downloads.keys().copied().collect();
         for id in ids {
             self.query_availability(id, peer);
@@ -332,6 +567,7 @@ impl Node {
                         .newest_complete_before(image, u64::MAX)
                         .is_none_or(|c| c.manifest.version < version)
             }
+            Mode::Publish => false,
             Mode::Fetch {
                 image: want,
                 version: want_version,
@@ -349,6 +585,7 @@ impl Node {
         let a = signed.announcement.clone();
         self.remember(signed.clone());
         if a.state != Lifecycle::Deployed {
+            self.on_retired(&signed);
             return;
         }
         // Only the newest deployed version known for the image is worth fetching.
@@ -380,6 +617,8 @@ impl Node {
             return;
         }
         tracing::info!(image = %a.image, version = a.version, manifest = %id, "fetching new version");
+        // A late joiner may know only a tracker: find who can send the manifest.
+        self.find_holders(id);
         let net = self.net.clone();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -390,16 +629,59 @@ impl Node {
         });
     }
 
+    /// Keeps a retirement beside the version it retires, so a restarted daemon still knows;
+    /// retention removes the version on its next round.
+    fn on_retired(&self, signed: &SignedAnnouncement) {
+        let a = &signed.announcement;
+        let Mode::Follow {
+            repo,
+            keep: Some(_),
+            ..
+        } = &self.mode
+        else {
+            return;
+        };
+        let current = self
+            .catalogue
+            .get(&a.image)
+            .and_then(|v| v.get(&a.version))
+            .is_some_and(|s| s.announcement.timestamp_ms == a.timestamp_ms);
+        if current
+            && self.library.complete(&a.manifest_id).is_some()
+            && let Ok(bytes) = signed.encode()
+        {
+            tracing::info!(image = %a.image, version = a.version, "version retired");
+            let path = repo
+                .join(&a.image)
+                .join(format!("{}.announcement", a.version));
+            if let Err(e) = crate::repo::write_atomic(&path, &bytes) {
+                tracing::warn!(error = %e, "cannot save the retirement");
+            }
+        }
+    }
+
     fn paths_for(&self, image: &str, version: u64) -> VersionPaths {
         match &self.mode {
-            Mode::Follow { repo, .. } => VersionPaths::in_repo(repo, image, version),
-            Mode::Fetch { out, .. } => VersionPaths::for_output(out),
+            Mode::Follow { repo, .. }
+            | Mode::Fetch {
+                into: Destination::Repo(repo),
+                ..
+            } => VersionPaths::in_repo(repo, image, version),
+            Mode::Fetch {
+                into: Destination::Dir(out),
+                ..
+            } => VersionPaths::for_output(out),
+            // Never downloads (wants nothing); a scratch name keeps the match total.
+            Mode::Publish => VersionPaths::for_output(std::path::Path::new(".publish")),
         }
     }
 
     async fn on_internal(&mut self, internal: Internal) {
         match internal {
-            Internal::Announcements(list) => {
+            Internal::Announcements { list, from_tracker } => {
+                if from_tracker {
+                    tracing::info!(announcements = list.len(), "catalogue from a tracker");
+                }
                 for bytes in list {
                     match self.trusted.decode_and_verify(&bytes) {
                         Ok(signed) => self.on_announcement(signed),
@@ -428,10 +710,7 @@ impl Node {
                 let paths = self.paths_for(&a.image, a.version);
                 let older = self.library.newest_complete_before(&a.image, a.version);
                 let internal = self.internal_tx.clone();
-                let repo = match &self.mode {
-                    Mode::Follow { repo, .. } => Some(repo.clone()),
-                    Mode::Fetch { .. } => None,
-                };
+                let repo = self.mode.repo().map(std::path::Path::to_path_buf);
                 let stats = self.ctx.stats.clone();
                 tokio::task::spawn_blocking(move || {
                     let result = open_partial(
@@ -462,6 +741,10 @@ impl Node {
             },
             Internal::Availability { id, peer, bitfield } => {
                 let locality = self.locality(&peer);
+                let site = self
+                    .peers
+                    .get(&peer)
+                    .map_or_else(|| "unknown".to_owned(), |i| i.site.clone());
                 if let Some(d) = self.downloads.get(&id) {
                     let _ = d
                         .events
@@ -469,9 +752,13 @@ impl Node {
                             peer,
                             bitfield,
                             locality,
+                            site,
                         })
                         .await;
                 }
+            }
+            Internal::RemovalDeferred { id } => {
+                self.removing.remove(&id);
             }
             Internal::NotHeld { id, peer } => {
                 if let Some(d) = self.downloads.get_mut(&id) {
@@ -486,7 +773,7 @@ impl Node {
                     Ok(complete) => {
                         tracing::info!(image = %d.image, version = d.version, "version complete");
                         let dir = self.paths_for(&d.image, d.version).final_dir;
-                        if let Mode::Follow { repo, .. } = &self.mode
+                        if let Some(repo) = self.mode.repo()
                             && let Some(signed) =
                                 self.catalogue.get(&d.image).and_then(|v| v.get(&d.version))
                             && let Ok(bytes) = signed.encode()
@@ -550,10 +837,16 @@ impl Node {
                 queried: HashSet::new(),
             },
         );
-        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        let peers: Vec<PeerId> = self
+            .peers
+            .keys()
+            .filter(|p| !self.trackers.contains(p))
+            .copied()
+            .collect();
         for peer in peers {
             self.query_availability(id, peer);
         }
+        self.last_lookup = None; // look for holders on the next tick
     }
 
     fn status(&self) -> NodeStatus {
@@ -635,19 +928,36 @@ impl Node {
                 }
             }
             ControlRequest::Catalogue => ControlResponse::Catalogue {
-                announcements: self
-                    .catalogue
-                    .values()
-                    .filter_map(|versions| versions.values().next_back())
-                    .take(MAX_CATALOGUE)
-                    .filter_map(|s| s.encode().ok())
-                    .collect(),
+                announcements: self.catalogue_for_peers(),
             },
             ControlRequest::Peers => ControlResponse::Peers {
                 peers: self.net.peer_records().await,
             },
+            // Only trackers answer these.
+            ControlRequest::Register { .. } | ControlRequest::Holders { .. } => {
+                ControlResponse::NotFound
+            }
         };
         self.net.respond(channel, response).await;
+    }
+
+    /// What a peer needs to know: the newest deployed version of each image and every
+    /// retirement (so a late joiner also drops what was withdrawn), newest first.
+    fn catalogue_for_peers(&self) -> Vec<Vec<u8>> {
+        let mut out: Vec<&SignedAnnouncement> = Vec::new();
+        for (image, versions) in &self.catalogue {
+            out.extend(self.latest_deployed(image));
+            out.extend(
+                versions
+                    .values()
+                    .filter(|s| s.announcement.state == Lifecycle::Retired),
+            );
+        }
+        out.sort_by_key(|s| std::cmp::Reverse(s.announcement.timestamp_ms));
+        out.into_iter()
+            .take(MAX_CATALOGUE)
+            .filter_map(|s| s.encode().ok())
+            .collect()
     }
 
     fn latest_deployed(&self, image: &str) -> Option<&SignedAnnouncement> {
@@ -659,12 +969,22 @@ impl Node {
     }
 }
 
+/// How often the node loop does its chores.
+const TICK: Duration = Duration::from_secs(1);
+/// Trackers hear from a node at least this often, even when nothing changed.
+const REGISTER_EVERY: Duration = Duration::from_secs(30);
+/// Progress reaches the trackers at most this often.
+const REGISTER_MIN_GAP: Duration = Duration::from_secs(2);
+/// How often active downloads look for more holders (trackers, then the DHT).
+const LOOKUP_EVERY: Duration = Duration::from_secs(5);
+
 /// Asks peers (the origin first) for the manifest an announcement names, until one answers
 /// with bytes that hash to the signed id and describe the announced version.
 async fn fetch_manifest(net: &NetHandle, signed: &SignedAnnouncement) -> Result<Manifest, String> {
     let a = &signed.announcement;
     for attempt in 0..30 {
         let mut peers = net.peers().await;
+        peers.retain(|(_, info)| info.role != Role::Tracker);
         peers.sort_by_key(|(_, info)| info.role != Role::Seed);
         for (peer, _) in peers {
             let Ok(ControlResponse::Manifest { bytes }) = net

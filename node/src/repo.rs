@@ -204,6 +204,47 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
     Ok(())
 }
 
+/// Removes a version from the repository, unless `in_use` says a local user took it meanwhile
+/// (then it is put back and `Ok(false)` returned).
+///
+/// The directory first moves aside in one rename, then `in_use` is asked again: a user takes its
+/// lease before it looks for the directory, so either the user's lease is seen here, or the user
+/// finds the directory gone; never both missed. A crash part-way leaves a manifest without a
+/// directory, which the next start skips, and a tree under `.trash`, never a half-deleted tree
+/// under the version's name.
+pub fn remove_version(
+    repo: &Path,
+    image: &str,
+    version: u64,
+    in_use: impl Fn() -> bool,
+) -> Result<bool, RepoError> {
+    let dir = version_dir(repo, image, version);
+    let trash_root = repo.join(".trash");
+    let trash = trash_root.join(format!("{image}@{version}.{}", std::process::id()));
+    let moved = dir.exists();
+    if moved {
+        std::fs::create_dir_all(&trash_root).map_err(io_err(&trash_root))?;
+        std::fs::rename(&dir, &trash).map_err(io_err(&dir))?;
+        if in_use() {
+            std::fs::rename(&trash, &dir).map_err(io_err(&dir))?;
+            return Ok(false);
+        }
+    }
+    remove_if_present(&manifest_path(repo, image, version))?;
+    remove_if_present(&repo.join(image).join(format!("{version}.announcement")))?;
+    if moved {
+        std::fs::remove_dir_all(&trash).map_err(io_err(&trash))?;
+    }
+    Ok(true)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), RepoError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// A difference between a directory and its manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mismatch {

@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::Outcome;
-use crate::cli::{FetchArgs, SeedArgs};
+use crate::cli::{ExportArgs, FetchArgs, RetireArgs, SeedArgs};
 use crate::config::NodeFlags;
 use crate::member::{Member, Running, shutdown_signal, sign_and_save};
 use crate::net::Role;
-use crate::node::{Finished, Mode};
+use crate::node::{Destination, Finished, Mode};
 use crate::progress::ByteProgress;
 use crate::store::CompleteVersion;
 
@@ -23,7 +23,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Logs what a member moved, for operators and for tests that read the log.
-fn report_totals(running: &Running) {
+fn report_totals(running: &Running, site: &str) {
+    let by_site = running.download_stats.by_site();
+    let cross_site: u64 = by_site
+        .iter()
+        .filter(|(s, _)| s.as_str() != site)
+        .map(|(_, n)| n)
+        .sum();
     tracing::info!(
         uploaded_bytes = running.upload_stats.bytes.load(Ordering::Relaxed),
         received_bytes = running
@@ -32,6 +38,7 @@ fn report_totals(running: &Running) {
             .load(Ordering::Relaxed),
         reused_bytes = running.download_stats.reused_bytes.load(Ordering::Relaxed),
         bad_pieces = running.download_stats.bad_pieces.load(Ordering::Relaxed),
+        cross_site_bytes = cross_site,
         "totals"
     );
 }
@@ -45,6 +52,7 @@ pub fn daemon(flags: &NodeFlags) -> anyhow::Result<Outcome> {
             Mode::Follow {
                 repo: config.repo.clone(),
                 images: config.follow.clone(),
+                keep: Some(config.keep_versions),
             },
         )
         .await?;
@@ -55,7 +63,7 @@ pub fn daemon(flags: &NodeFlags) -> anyhow::Result<Outcome> {
                 finished = running.finished.recv() => match finished {
                     Some(Finished::Complete { image, version, .. }) => {
                         tracing::info!(%image, version, "complete");
-                        report_totals(&running);
+                        report_totals(&running, &config.site);
                     }
                     Some(Finished::Failed { image, version, error }) => {
                         tracing::error!(%image, version, %error, "failed");
@@ -65,7 +73,7 @@ pub fn daemon(flags: &NodeFlags) -> anyhow::Result<Outcome> {
                 _ = &mut running.task => break,
             }
         }
-        report_totals(&running);
+        report_totals(&running, &config.site);
         Ok(Outcome::Done)
     })
 }
@@ -114,28 +122,35 @@ pub fn seed(args: &SeedArgs) -> anyhow::Result<Outcome> {
             Mode::Follow {
                 repo: repo.clone(),
                 images: vec![],
+                keep: None,
             },
         )
         .await?;
         let mut running = member.spawn(shutdown_signal());
         running.publish(version, signed, bytes).await;
         let _ = (&mut running.task).await;
-        report_totals(&running);
+        report_totals(&running, &config.site);
         Ok(Outcome::Done)
     })
 }
 
 pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
-    let config = args.node.resolve_as(false, 0)?;
-    if args.out.exists() {
-        bail!("{} already exists: fetch creates it", args.out.display());
-    }
+    let config = args.node.resolve_as(false, 0, None)?;
+    let into = match (&args.out, config.repo.as_os_str().is_empty()) {
+        (Some(out), _) => {
+            if out.exists() {
+                bail!("{} already exists: fetch creates it", out.display());
+            }
+            // Absolute, so the bookkeeping beside it has a real parent directory.
+            Destination::Dir(std::path::absolute(out).context("resolving --out")?)
+        }
+        (None, false) => Destination::Repo(config.repo.clone()),
+        (None, true) => bail!("out: not set (use --out DIR, or --repo to fetch into a repository)"),
+    };
     if config.bootstrap.is_empty() {
         bail!("bootstrap: no peer to join (use --bootstrap)");
     }
     let (image, version) = args.target.clone();
-    // Absolute, so the bookkeeping beside it has a real parent directory.
-    let out = std::path::absolute(&args.out).context("resolving --out")?;
     runtime()?.block_on(async {
         let member = Member::start(
             &config,
@@ -143,7 +158,7 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
             Mode::Fetch {
                 image: image.clone(),
                 version,
-                out: out.clone(),
+                into: into.clone(),
             },
         )
         .await?;
@@ -175,10 +190,15 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
+        // Fetched into a repository, the version is in use while this command runs.
+        let mut lease = None;
         let outcome = tokio::select! {
             finished = running.finished.recv() => match finished {
                 Some(Finished::Complete { dir, version, .. }) => {
                     println!("{}  {image}@{version}", dir.display());
+                    if let Destination::Repo(repo) = &into {
+                        lease = Some(crate::lease::Lease::take(repo, &image, version)?);
+                    }
                     Outcome::Done
                 }
                 Some(Finished::Failed { error, .. }) => {
@@ -203,11 +223,119 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
             tracing::info!(seconds = args.linger, "lingering to serve pieces");
             tokio::time::sleep(Duration::from_secs(args.linger)).await;
         }
-        report_totals(&running);
+        report_totals(&running, &config.site);
         let _ = stop_tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut running.task).await;
+        drop(lease);
         Ok(outcome)
     })
+}
+
+/// Signs a retirement of a version in the repository, saves it beside the version (so the
+/// image server's own seed knows after a restart) and gossips it through the swarm.
+pub fn retire(args: &RetireArgs) -> anyhow::Result<Outcome> {
+    let mut config = args.node.resolve_as(true, 0, None)?;
+    // A short-lived member: any free port, and no control API to collide with a running seed's.
+    config.api = None;
+    let key_path = config
+        .publisher_key
+        .clone()
+        .context("publisher_key: not set (use --publisher-key or `publisher_key = ...`)")?;
+    let publisher = crate::keys::read(&key_path)?;
+    let (image, version) = args.target.clone();
+    let (manifest, id) =
+        crate::repo::read_manifest(&crate::repo::manifest_path(&config.repo, &image, version))
+            .with_context(|| {
+                format!("retire needs the manifest of {image}@{version} in the repository")
+            })?;
+    let signed = publisher.sign(imiswarm_protocol::Announcement {
+        image: image.clone(),
+        version,
+        manifest_id: id,
+        total_size: manifest.total_size(),
+        state: imiswarm_protocol::Lifecycle::Retired,
+        timestamp_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("system clock before 1970")?
+            .as_millis() as u64,
+    })?;
+    let bytes = imiswarm_protocol::codec::WireFormat::encode(&signed)?;
+    crate::repo::write_atomic(
+        &config
+            .repo
+            .join(&image)
+            .join(format!("{version}.announcement")),
+        &bytes,
+    )?;
+    if config.bootstrap.is_empty() {
+        println!("{image}@{version} retired (saved; no --bootstrap peer to gossip it to)");
+        return Ok(Outcome::Done);
+    }
+    runtime()?.block_on(async {
+        let member = Member::start(&config, Role::Fetch, Mode::Publish).await?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = member.spawn(async move {
+            let _ = stop_rx.await;
+        });
+        let _ = running
+            .commands
+            .send(crate::node::NodeCommand::Remember(signed))
+            .await;
+        let gossip = crate::member::spawn_gossip(running.net.clone(), bytes);
+        let sent = tokio::time::timeout(Duration::from_secs(60), gossip)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false);
+        if sent {
+            // Peers that connect meanwhile read it from this member's catalogue.
+            tokio::time::sleep(Duration::from_secs(args.linger)).await;
+            println!("{image}@{version} retired");
+        } else {
+            eprintln!("imiswarm: no peer heard the retirement within 60 s (it is saved)");
+        }
+        let _ = stop_tx.send(());
+        Ok(if sent { Outcome::Done } else { Outcome::Failed })
+    })
+}
+
+/// Holds a lease on a version while COMMAND runs (or until Ctrl-C / SIGTERM), so a daemon's
+/// retention leaves it alone.
+pub fn export(args: &ExportArgs) -> anyhow::Result<Outcome> {
+    let (image, version) = args.target.clone();
+    // The lease first, then the look: see `repo::remove_version` for why this order is safe.
+    let lease = crate::lease::Lease::take(&args.repo, &image, version)
+        .with_context(|| format!("taking a lease in {}", args.repo.display()))?;
+    let dir = crate::repo::version_dir(&args.repo, &image, version);
+    if !dir.is_dir() || !crate::repo::manifest_path(&args.repo, &image, version).is_file() {
+        drop(lease);
+        eprintln!(
+            "imiswarm: {image}@{version} is not complete in {}",
+            args.repo.display()
+        );
+        return Ok(Outcome::NotFound);
+    }
+    let outcome = match args.command.split_first() {
+        None => {
+            println!("{}", dir.display());
+            runtime()?.block_on(shutdown_signal());
+            Outcome::Done
+        }
+        Some((program, rest)) => {
+            let status = std::process::Command::new(program)
+                .args(rest)
+                .env("IMISWARM_VERSION_DIR", &dir)
+                .status()
+                .with_context(|| format!("running {program}"))?;
+            if status.success() {
+                Outcome::Done
+            } else {
+                Outcome::Failed
+            }
+        }
+    };
+    drop(lease);
+    Ok(outcome)
 }
 
 /// Prints the local node's status report (`--json`: as the API returns it).

@@ -26,6 +26,8 @@ const SIGNING_CONTEXT: &[u8] = b"imiswarm announcement v1\0";
 
 /// Where a version stands in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+// Names only matter to self-describing formats (JSON status); postcard encodes the position.
+#[serde(rename_all = "lowercase")]
 pub enum Lifecycle {
     /// Current: nodes that follow the image should fetch it.
     Deployed,

@@ -21,6 +21,7 @@
 pub mod announce;
 pub mod bitfield;
 pub mod codec;
+pub mod crossing;
 pub mod hash;
 pub mod limits;
 pub mod manifest;

@@ -46,6 +46,10 @@ pub const MAX_ADDR_LEN: usize = 256;
 pub const MAX_CATALOGUE: usize = 512;
 /// Longest human-readable error text a peer may send.
 pub const MAX_ERROR_TEXT: usize = 512;
+/// Most versions one node registers with a tracker in one message.
+pub const MAX_HOLDINGS: usize = 64;
+/// Longest site label.
+pub const MAX_SITE_LEN: usize = 64;
 
 /// libp2p protocol of small control messages (request-response).
 pub const CONTROL_PROTOCOL: &str = "/imiswarm/control/1";

@@ -12,6 +12,8 @@
 //!  Peers               -> Peers{records}
 //!  Announcement{img,v} -> Announcement{ann}
 //!  Catalogue           -> Catalogue{anns}
+//!  Register{holdings}  -> Ack                 (to a tracker)
+//!  Holders{id}         -> Holders{records}    (to a tracker: same site first, origin last)
 //!  any                 -> NotFound/Busy/Error
 //! ```
 //!
@@ -26,8 +28,8 @@ use crate::codec::WireFormat;
 use crate::hash::Hash;
 use crate::limits::{
     MAX_ADDR_LEN, MAX_ADDRS_PER_PEER, MAX_ANNOUNCEMENT_SIZE, MAX_CATALOGUE, MAX_CONTROL_SIZE,
-    MAX_ERROR_TEXT, MAX_HAVE_BATCH, MAX_MANIFEST_SIZE, MAX_PEER_ID_LEN, MAX_PEER_RECORDS,
-    MAX_PIECE_HEADER_SIZE, MAX_PIECE_SIZE, MAX_PIECES, MAX_SPAN,
+    MAX_ERROR_TEXT, MAX_HAVE_BATCH, MAX_HOLDINGS, MAX_MANIFEST_SIZE, MAX_PEER_ID_LEN,
+    MAX_PEER_RECORDS, MAX_PIECE_HEADER_SIZE, MAX_PIECE_SIZE, MAX_PIECES, MAX_SITE_LEN, MAX_SPAN,
 };
 use crate::path::check_image_name;
 
@@ -48,6 +50,33 @@ pub enum ControlRequest {
     Announcement { image: String, version: u64 },
     /// "Send me the newest announcement of every image you know" (for late joiners).
     Catalogue,
+    /// To a tracker: "this is what I hold or am fetching". Sent on connect and as progress
+    /// changes; the tracker takes the sender's site, role and addresses from identify.
+    Register { holdings: Vec<Holding> },
+    /// To a tracker: "who holds (part of) this version?"
+    Holders { manifest_id: Hash },
+}
+
+/// One version a node holds or is fetching, as it tells a tracker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub manifest_id: Hash,
+    pub image: String,
+    pub version: u64,
+    /// Verified pieces (equal to `total` once complete).
+    pub verified: u32,
+    pub total: u32,
+}
+
+/// A holder of a version, as a tracker answers: where it is and how far it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderRecord {
+    pub peer: PeerRecord,
+    pub site: String,
+    /// The origin (a seed): asked last.
+    pub origin: bool,
+    pub verified: u32,
+    pub total: u32,
 }
 
 /// A control response. Variants are append-only.
@@ -86,6 +115,11 @@ pub enum ControlResponse {
     Catalogue {
         announcements: Vec<Vec<u8>>,
     },
+    /// Answer to [`ControlRequest::Holders`], best first: same site as the asker, then other
+    /// sites, the origin last.
+    Holders {
+        holders: Vec<HolderRecord>,
+    },
 }
 
 /// A peer another node can dial: its libp2p peer id and multiaddrs, in their binary forms
@@ -106,9 +140,12 @@ impl WireFormat for ControlRequest {
             Self::Have { pieces, .. } => check_have_batch(pieces),
             Self::LatestVersion { image } => check_image_name(image).map_err(|e| e.to_string()),
             Self::Announcement { image, .. } => check_image_name(image).map_err(|e| e.to_string()),
-            Self::Manifest { .. } | Self::Availability { .. } | Self::Peers | Self::Catalogue => {
-                Ok(())
-            }
+            Self::Register { holdings } => check_holdings(holdings),
+            Self::Manifest { .. }
+            | Self::Availability { .. }
+            | Self::Peers
+            | Self::Catalogue
+            | Self::Holders { .. } => Ok(()),
         }
     }
 }
@@ -133,6 +170,7 @@ impl WireFormat for ControlResponse {
                 Err("availability of zero pieces".into())
             }
             Self::Peers { peers } => check_peers(peers),
+            Self::Holders { holders } => check_holders(holders),
             Self::Announcement { announcement } if announcement.len() > MAX_ANNOUNCEMENT_SIZE => {
                 Err("announcement longer than its limit".into())
             }
@@ -170,6 +208,39 @@ fn check_peers(peers: &[PeerRecord]) -> Result<(), String> {
         {
             return Err("peer addresses out of bounds".into());
         }
+    }
+    Ok(())
+}
+
+fn check_holdings(holdings: &[Holding]) -> Result<(), String> {
+    if holdings.len() > MAX_HOLDINGS {
+        return Err(format!("more than {MAX_HOLDINGS} holdings"));
+    }
+    for h in holdings {
+        check_image_name(&h.image).map_err(|e| e.to_string())?;
+        check_progress(h.verified, h.total)?;
+    }
+    Ok(())
+}
+
+fn check_holders(holders: &[HolderRecord]) -> Result<(), String> {
+    if holders.len() > MAX_PEER_RECORDS {
+        return Err(format!("more than {MAX_PEER_RECORDS} holders"));
+    }
+    let peers: Vec<PeerRecord> = holders.iter().map(|h| h.peer.clone()).collect();
+    check_peers(&peers)?;
+    for h in holders {
+        if h.site.is_empty() || h.site.len() > MAX_SITE_LEN {
+            return Err(format!("site name of 1-{MAX_SITE_LEN} bytes expected"));
+        }
+        check_progress(h.verified, h.total)?;
+    }
+    Ok(())
+}
+
+fn check_progress(verified: u32, total: u32) -> Result<(), String> {
+    if verified > total || u64::from(total) > MAX_PIECES {
+        return Err(format!("progress {verified}/{total} out of bounds"));
     }
     Ok(())
 }

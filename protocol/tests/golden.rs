@@ -10,8 +10,8 @@ use imiswarm_protocol::codec::WireFormat;
 use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::manifest::{FileEntry, Manifest, PieceHash};
 use imiswarm_protocol::wire::{
-    ControlRequest, ControlResponse, PeerRecord, PieceEncoding, PieceFrame, PieceRequest,
-    PieceResponseHeader, PieceStatus,
+    ControlRequest, ControlResponse, HolderRecord, Holding, PeerRecord, PieceEncoding, PieceFrame,
+    PieceRequest, PieceResponseHeader, PieceStatus,
 };
 
 fn h(byte: u8) -> Hash {
@@ -136,6 +136,22 @@ fn control_request_bytes() {
         "0105036c616202",
     );
     pin(&ControlRequest::Catalogue, "0106");
+    pin(
+        &ControlRequest::Register {
+            holdings: vec![Holding {
+                manifest_id: h(1),
+                image: "a".into(),
+                version: 2,
+                verified: 3,
+                total: 4,
+            }],
+        },
+        &format!("010701{}0161020304", "01".repeat(32)),
+    );
+    pin(
+        &ControlRequest::Holders { manifest_id: h(5) },
+        &format!("0108{}", "05".repeat(32)),
+    );
 }
 
 #[test]
@@ -195,6 +211,21 @@ fn control_response_bytes() {
             announcements: vec![vec![6], vec![]],
         },
         "010902010600",
+    );
+    pin(
+        &ControlResponse::Holders {
+            holders: vec![HolderRecord {
+                peer: PeerRecord {
+                    peer_id: vec![1, 2],
+                    addrs: vec![vec![3]],
+                },
+                site: "s".into(),
+                origin: true,
+                verified: 1,
+                total: 2,
+            }],
+        },
+        "010a010201020101030173010102",
     );
 }
 

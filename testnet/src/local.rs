@@ -78,6 +78,8 @@ fn config(
         publisher_key: None,
         addr_file: None,
         api: None,
+        mdns: false,
+        database: None,
         corrupt_uploads: false,
     })
 }
@@ -99,6 +101,7 @@ impl LocalSwarm {
             Mode::Follow {
                 repo: origin_config.repo.clone(),
                 images: vec![],
+                keep: None,
             },
         )
         .await?;
@@ -132,6 +135,7 @@ impl LocalSwarm {
                 Mode::Follow {
                     repo: c.repo.clone(),
                     images: vec![],
+                    keep: Some(c.keep_versions),
                 },
             )
             .await?;

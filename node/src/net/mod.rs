@@ -1,7 +1,9 @@
 //! The libp2p swarm: one task owns it; the rest of the node talks to it through [`NetHandle`].
 //!
 //! Owns connections, gossip of signed announcements (validated here, before they are forwarded
-//! to anyone), control request-response, peer identification (site and role) and bans. Piece
+//! to anyone), control request-response, peer identification (site and role), bans, and
+//! trackerless discovery: Kademlia provider records (one per version, never per piece) and, when
+//! enabled, mDNS on the local network. Piece
 //! streams are opened and accepted through the `libp2p_stream::Control` the handle carries, so
 //! bulk bytes never pass through this task. It must not decide what to fetch or store.
 //!
@@ -13,7 +15,7 @@
 
 pub mod codec;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -22,9 +24,11 @@ use imiswarm_protocol::limits::{ANNOUNCE_TOPIC, MAX_ANNOUNCEMENT_SIZE};
 use imiswarm_protocol::wire::{ControlRequest, ControlResponse, PeerRecord};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, allow_block_list, gossipsub, identify, identity, ping,
+    Multiaddr, PeerId, StreamProtocol, allow_block_list, gossipsub, identify, identity, kad, mdns,
+    ping,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,6 +38,8 @@ use codec::{CONTROL, ControlCodec};
 pub const IDENTIFY_PROTOCOL: &str = "/imiswarm/id/1";
 /// The piece stream protocol.
 pub const PIECES: StreamProtocol = StreamProtocol::new(imiswarm_protocol::limits::PIECE_PROTOCOL);
+/// Our own Kademlia DHT: a private protocol name keeps it apart from the public IPFS DHT.
+pub const KAD: StreamProtocol = StreamProtocol::new("/imiswarm/kad/1");
 
 /// What a node is, as its peers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -43,6 +49,8 @@ pub enum Role {
     Seed,
     Daemon,
     Fetch,
+    /// A tracker: knows who holds what, serves no pieces.
+    Tracker,
 }
 
 impl Role {
@@ -51,6 +59,7 @@ impl Role {
             Self::Seed => "seed",
             Self::Daemon => "daemon",
             Self::Fetch => "fetch",
+            Self::Tracker => "tracker",
         }
     }
 }
@@ -83,6 +92,7 @@ fn parse_agent(agent: &str) -> Option<PeerInfo> {
             Some(("role", "seed")) => role = Some(Role::Seed),
             Some(("role", "daemon")) => role = Some(Role::Daemon),
             Some(("role", "fetch")) => role = Some(Role::Fetch),
+            Some(("role", "tracker")) => role = Some(Role::Tracker),
             _ => {}
         }
     }
@@ -100,6 +110,8 @@ struct Behaviour {
     control: request_response::Behaviour<ControlCodec>,
     stream: libp2p_stream::Behaviour,
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 /// Settings of the network layer.
@@ -111,6 +123,9 @@ pub struct NetConfig {
     pub site: String,
     pub role: Role,
     pub trusted: TrustedKeys,
+    /// Find peers on the local network with mDNS. Off by default: it multicasts on every
+    /// interface, which only belongs on a LAN of cache servers and workstations.
+    pub mdns: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,8 +156,12 @@ pub enum NetEvent {
         request: ControlRequest,
         channel: ResponseChannel<ControlResponse>,
     },
-    /// A peer connected and said who it is.
-    PeerIdentified { peer: PeerId, info: PeerInfo },
+    /// A peer connected and said who it is, with the addresses others can dial it at.
+    PeerIdentified {
+        peer: PeerId,
+        info: PeerInfo,
+        addrs: Vec<Multiaddr>,
+    },
     /// The last connection to a peer closed.
     PeerGone { peer: PeerId },
 }
@@ -162,6 +181,8 @@ enum Command {
         response: ControlResponse,
     },
     Dial(Multiaddr),
+    /// Dial by peer id, at addresses a behaviour (Kademlia, mDNS) knows.
+    DialPeer(PeerId),
     Ban {
         peer: PeerId,
         for_: Duration,
@@ -174,6 +195,14 @@ enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Provide {
+        key: imiswarm_protocol::Hash,
+        start: bool,
+    },
+    Providers {
+        key: imiswarm_protocol::Hash,
+        reply: oneshot::Sender<Vec<PeerId>>,
     },
 }
 
@@ -240,6 +269,11 @@ impl NetHandle {
         let _ = self.commands.send(Command::Dial(addr)).await;
     }
 
+    /// Dials a peer by id alone (found in the DHT, which knows its addresses).
+    pub async fn dial_peer(&self, peer: PeerId) {
+        let _ = self.commands.send(Command::DialPeer(peer)).await;
+    }
+
     /// Disconnects a peer and refuses it for `for_`.
     pub async fn ban(&self, peer: PeerId, for_: Duration) {
         let _ = self.commands.send(Command::Ban { peer, for_ }).await;
@@ -266,6 +300,22 @@ impl NetHandle {
             .unwrap_or_default()
     }
 
+    /// Announces in the DHT that this node holds (part of) the version `id`, or stops.
+    pub async fn provide(&self, id: imiswarm_protocol::Hash, start: bool) {
+        let _ = self
+            .commands
+            .send(Command::Provide { key: id, start })
+            .await;
+    }
+
+    /// Looks up the DHT's holders of version `id` (they are dialable by peer id afterwards:
+    /// Kademlia knows their addresses).
+    pub async fn providers(&self, id: imiswarm_protocol::Hash) -> Vec<PeerId> {
+        self.call(|reply| Command::Providers { key: id, reply })
+            .await
+            .unwrap_or_default()
+    }
+
     /// A control for opening and accepting piece streams.
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
@@ -278,6 +328,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often to redial bootstrap peers that are not connected.
 const REDIAL_EVERY: Duration = Duration::from_secs(10);
+/// A provider lookup gives up after this long; the node asks again on its next round.
+const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the DHT routing table is refreshed.
+const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(300);
 
 /// Builds the swarm, starts listening and spawns the task that owns it.
 pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
@@ -318,6 +372,31 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
                     ),
                     stream: libp2p_stream::Behaviour::new(),
                     blocked: allow_block_list::Behaviour::default(),
+                    kad: {
+                        let mut config = kad::Config::new(KAD);
+                        config.set_query_timeout(KAD_QUERY_TIMEOUT);
+                        // Bootstrapped from our own tick once the routing table has a peer:
+                        // libp2p's timer warns at every start of a node that knows nobody yet.
+                        config.set_periodic_bootstrap_interval(None);
+                        let peer = key.public().to_peer_id();
+                        let mut kad = kad::Behaviour::with_config(
+                            peer,
+                            kad::store::MemoryStore::new(peer),
+                            config,
+                        );
+                        // Server mode from the start: a cache server on a LAN has no confirmed
+                        // external address, which is what automatic mode waits for.
+                        kad.set_mode(Some(kad::Mode::Server));
+                        kad
+                    },
+                    mdns: Toggle::from(if config.mdns {
+                        Some(mdns::tokio::Behaviour::new(
+                            mdns::Config::default(),
+                            key.public().to_peer_id(),
+                        )?)
+                    } else {
+                        None
+                    }),
                 })
             },
         )
@@ -363,6 +442,8 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
         listen_addrs: Vec::new(),
         bans: Vec::new(),
         listening: None,
+        provider_queries: HashMap::new(),
+        kad_bootstrapped: None,
     };
     // Wait until every listener has an address, so callers can print or write them.
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -390,6 +471,9 @@ struct SwarmTask {
     listen_addrs: Vec<Multiaddr>,
     bans: Vec<(Instant, PeerId)>,
     listening: Option<(usize, oneshot::Sender<()>)>,
+    /// Provider lookups in progress: what was found so far, and who waits.
+    provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    kad_bootstrapped: Option<Instant>,
 }
 
 impl SwarmTask {
@@ -425,6 +509,12 @@ impl SwarmTask {
         self.bans = kept;
         for (_, peer) in expired {
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+        }
+        let kad_due = self
+            .kad_bootstrapped
+            .is_none_or(|t| t.elapsed() >= KAD_BOOTSTRAP_EVERY);
+        if kad_due && self.swarm.behaviour_mut().kad.bootstrap().is_ok() {
+            self.kad_bootstrapped = Some(now);
         }
         for addr in self.bootstrap.clone() {
             let connected = match addr.iter().last() {
@@ -474,6 +564,11 @@ impl SwarmTask {
                     tracing::debug!(%addr, error = %e, "dial failed");
                 }
             }
+            Command::DialPeer(peer) => {
+                if let Err(e) = self.swarm.dial(peer) {
+                    tracing::debug!(%peer, error = %e, "dial failed");
+                }
+            }
             Command::Ban { peer, for_ } => {
                 tracing::warn!(%peer, seconds = for_.as_secs(), "banning peer");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -507,6 +602,25 @@ impl SwarmTask {
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::Provide { key, start } => {
+                let key = kad::RecordKey::new(key.as_bytes());
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                if start {
+                    if let Err(e) = kad.start_providing(key) {
+                        tracing::warn!(error = %e, "cannot store a provider record");
+                    }
+                } else {
+                    kad.stop_providing(&key);
+                }
+            }
+            Command::Providers { key, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(key.as_bytes()));
+                self.provider_queries.insert(id, (HashSet::new(), reply));
             }
         }
     }
@@ -555,6 +669,15 @@ impl SwarmTask {
                     .await
             }
             SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) {
+                        tracing::debug!(%peer, %addr, "found on the local network");
+                        let _ = self.swarm.dial(addr.with(Protocol::P2p(peer)));
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -582,8 +705,15 @@ impl SwarmTask {
                 })
             })
             .collect();
+        let speaks_kad = info.protocols.contains(&KAD);
         for addr in &addrs {
             self.swarm.add_peer_address(peer, addr.clone());
+            if speaks_kad {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
+            }
         }
         let new = self
             .peers
@@ -591,7 +721,7 @@ impl SwarmTask {
                 peer,
                 KnownPeer {
                     info: peer_info.clone(),
-                    addrs,
+                    addrs: addrs.clone(),
                 },
             )
             .is_none();
@@ -600,8 +730,43 @@ impl SwarmTask {
             self.emit(NetEvent::PeerIdentified {
                 peer,
                 info: peer_info,
+                addrs,
             })
             .await;
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        let kad::QueryResult::GetProviders(result) = result else {
+            return;
+        };
+        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result
+            && let Some((found, _)) = self.provider_queries.get_mut(&id)
+        {
+            found.extend(providers);
+        }
+        // One holder is enough to start from: peer exchange and the holders' own haves bring
+        // the rest, so the lookup ends at its first answer instead of walking the whole DHT.
+        let enough = self
+            .provider_queries
+            .get(&id)
+            .is_some_and(|(found, _)| found.iter().any(|p| p != self.swarm.local_peer_id()));
+        if (step.last || enough)
+            && let Some((found, reply)) = self.provider_queries.remove(&id)
+        {
+            if !step.last
+                && let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id)
+            {
+                query.finish();
+            }
+            let me = *self.swarm.local_peer_id();
+            let _ = reply.send(found.into_iter().filter(|p| *p != me).collect());
         }
     }
 

@@ -1,5 +1,10 @@
 //! Downloading one version: the protocol's scheduler driven by real peers and streams.
 //!
+//! Locality: peers of this node's site are shown to the scheduler with everything they hold;
+//! peers of other sites and the origin only with the pieces this node brings across for its
+//! site ([`Crossing`]), until the site stalls for [`SITE_PATIENCE`]. So a version crosses a
+//! site's WAN link about once, then spreads inside the site.
+//!
 //! One task per version owns the [`Scheduler`]; it learns availability from the node (a
 //! bitfield when a peer becomes interesting, batched haves after), sends each request it gets
 //! back as one piece stream in a task of its own, and hears back per piece. Every piece is
@@ -13,13 +18,14 @@
 //!                              └────── PieceOutcome ──────┘
 //! ```
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
 use imiswarm_protocol::bitfield::Bitfield;
+use imiswarm_protocol::crossing::Crossing;
 use imiswarm_protocol::limits::MAX_HAVE_BATCH;
 use imiswarm_protocol::manifest::PieceIndex;
 use imiswarm_protocol::scheduler::{Locality, Priority, Request, Scheduler, SchedulerConfig};
@@ -43,6 +49,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How often batched haves are sent and timeouts are checked.
 const TICK: Duration = Duration::from_millis(100);
+/// With nothing in flight for this long while pieces are missing, the site has stalled: every
+/// piece may then come from other sites or the origin.
+pub const SITE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// What the node tells a download.
 #[derive(Debug)]
@@ -52,6 +61,8 @@ pub enum DownloadEvent {
         peer: PeerId,
         bitfield: Bitfield,
         locality: Locality,
+        /// The peer's site label, for counting the bytes that cross between sites.
+        site: String,
     },
     /// A peer now also holds these pieces.
     Have {
@@ -77,6 +88,10 @@ pub struct DownloadProgress {
     pub rate_bytes_per_sec: u64,
     /// Who sent the most, largest first (at most eight).
     pub sources: Vec<Source>,
+    /// Same-site peers downloading this version too, with whom crossing is split.
+    pub site_mates: u32,
+    /// Whether every piece may now come from other sites (the site stalled, or has no mates).
+    pub crossing_open: bool,
 }
 
 /// Bytes received from one peer.
@@ -94,6 +109,28 @@ pub struct DownloadStats {
     /// Piece bytes taken from an older local version instead of the network.
     pub reused_bytes: AtomicU64,
     pub bad_pieces: AtomicU64,
+    /// Piece bytes received, by the sending peer's site.
+    pub by_site: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+impl DownloadStats {
+    fn add_from_site(&self, site: &str, bytes: u64) {
+        let mut by_site = self.by_site.lock().unwrap_or_else(|e| e.into_inner());
+        match by_site.get_mut(site) {
+            Some(n) => *n += bytes,
+            None => {
+                by_site.insert(site.to_owned(), bytes);
+            }
+        }
+    }
+
+    /// Bytes received by sending site.
+    pub fn by_site(&self) -> BTreeMap<String, u64> {
+        self.by_site
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Everything a download needs from the node.
@@ -189,10 +226,18 @@ pub async fn run(
     let mut last_checkpoint = tokio::time::Instant::now();
     let mut by_peer: HashMap<PeerId, u64> = HashMap::new();
     let mut rate = RateMeter::default();
+    let mut sites: HashMap<PeerId, String> = HashMap::new();
+    let mut crossing = Crossing::new(&ctx.net.local_peer_id.to_bytes());
+    // What peers of other sites (and the origin) really hold; the scheduler sees it masked.
+    let mut remote: HashMap<PeerId, Bitfield> = HashMap::new();
+    // Pieces requested and not yet reported back.
+    let mut outstanding: u32 = 0;
+    let mut idle_since: Option<tokio::time::Instant> = None;
     let publish = |scheduler: &Scheduler<PeerId>,
                    peers: usize,
                    by_peer: &HashMap<PeerId, u64>,
-                   rate: &RateMeter| {
+                   rate: &RateMeter,
+                   crossing: &Crossing| {
         let mut sources: Vec<Source> = by_peer
             .iter()
             .map(|(p, b)| Source {
@@ -209,29 +254,61 @@ pub async fn run(
             received_bytes: by_peer.values().sum(),
             rate_bytes_per_sec: rate.per_sec as u64,
             sources,
+            site_mates: crossing.mates() as u32,
+            crossing_open: crossing.is_open() || crossing.mates() == 0,
         });
+    };
+    // The split of crossing changed: show every remote peer anew.
+    let remask = |scheduler: &mut Scheduler<PeerId>,
+                  remote: &HashMap<PeerId, Bitfield>,
+                  crossing: &Crossing| {
+        for (peer, held) in remote {
+            scheduler.peer_bitfield(*peer, &crossing.mask(held));
+        }
     };
 
     while !scheduler.is_done() {
         tokio::select! {
             event = events.recv() => match event {
                 None => return Err(DownloadError::Stopped),
-                Some(DownloadEvent::Availability { peer, bitfield, locality }) => {
+                Some(DownloadEvent::Availability { peer, bitfield, locality, site }) => {
                     if !banned.contains(&peer) && bitfield.len() == total {
                         scheduler.add_peer(peer, locality);
-                        scheduler.peer_bitfield(peer, &bitfield);
+                        sites.insert(peer, site);
                         peers.insert(peer);
+                        if locality == Locality::SameSite {
+                            scheduler.peer_bitfield(peer, &bitfield);
+                            if !bitfield.is_full() && crossing.add_mate(&peer.to_bytes()) {
+                                remask(&mut scheduler, &remote, &crossing);
+                            }
+                        } else {
+                            scheduler.peer_bitfield(peer, &crossing.mask(&bitfield));
+                            remote.insert(peer, bitfield);
+                        }
                     }
                 }
                 Some(DownloadEvent::Have { peer, pieces }) => {
+                    let held = remote.get_mut(&peer);
+                    let masked = held.is_some();
+                    if let Some(held) = held {
+                        for &piece in &pieces {
+                            held.set(piece);
+                        }
+                    }
                     for piece in pieces {
-                        scheduler.peer_have(peer, piece);
+                        if !masked || crossing.may_cross(piece) {
+                            scheduler.peer_have(peer, piece);
+                        }
                     }
                 }
                 Some(DownloadEvent::PeerGone { peer }) => {
                     scheduler.remove_peer(peer);
                     peers.remove(&peer);
                     interested.remove(&peer);
+                    remote.remove(&peer);
+                    if crossing.remove_mate(&peer.to_bytes()) {
+                        remask(&mut scheduler, &remote, &crossing);
+                    }
                 }
                 Some(DownloadEvent::Interested { peer }) => {
                     interested.insert(peer);
@@ -239,9 +316,13 @@ pub async fn run(
             },
             Some(outcome) = outcomes.recv() => {
                 let now = tokio::time::Instant::now().into_std();
+                outstanding = outstanding.saturating_sub(1);
                 match outcome.result {
                     Ok(len) => {
                         *by_peer.entry(outcome.peer).or_default() += len as u64;
+                        if let Some(site) = sites.get(&outcome.peer) {
+                            ctx.stats.add_from_site(site, len as u64);
+                        }
                         rate.add(len as u64);
                         scheduler.on_complete(outcome.peer, outcome.piece, now);
                         haves.insert(outcome.piece);
@@ -259,6 +340,10 @@ pub async fn run(
                         scheduler.on_failure(outcome.peer, outcome.piece, now);
                         scheduler.remove_peer(outcome.peer);
                         peers.remove(&outcome.peer);
+                        remote.remove(&outcome.peer);
+                        if crossing.remove_mate(&outcome.peer.to_bytes()) {
+                            remask(&mut scheduler, &remote, &crossing);
+                        }
                     }
                     Err(Failure::Fatal(e)) => {
                         // Keep what is verified so a restart resumes.
@@ -277,11 +362,28 @@ pub async fn run(
                     last_checkpoint = tokio::time::Instant::now();
                 }
                 rate.tick(TICK);
-                publish(&scheduler, peers.len(), &by_peer, &rate);
+                if idle_since.is_some_and(|t| t.elapsed() >= SITE_PATIENCE)
+                    && crossing.mates() > 0
+                    && crossing.open()
+                {
+                    tracing::info!(
+                        mates = crossing.mates(),
+                        "the site stalled: fetching any piece from other sites"
+                    );
+                    remask(&mut scheduler, &remote, &crossing);
+                }
+                publish(&scheduler, peers.len(), &by_peer, &rate, &crossing);
             }
         }
         let now = tokio::time::Instant::now().into_std();
-        for request in scheduler.next_requests(now) {
+        let requests = scheduler.next_requests(now);
+        outstanding += requests.iter().map(|r| r.count).sum::<u32>();
+        if outstanding == 0 {
+            idle_since.get_or_insert_with(tokio::time::Instant::now);
+        } else {
+            idle_since = None;
+        }
+        for request in requests {
             tokio::spawn(fetch_span(
                 ctx.clone(),
                 partial.clone(),
@@ -292,7 +394,7 @@ pub async fn run(
     }
 
     flush_haves(&ctx.net, partial.id, &mut haves, &interested);
-    publish(&scheduler, peers.len(), &by_peer, &rate);
+    publish(&scheduler, peers.len(), &by_peer, &rate, &crossing);
     let p = partial.clone();
     let complete = tokio::task::spawn_blocking(move || p.finish())
         .await

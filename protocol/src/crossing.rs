@@ -1,0 +1,192 @@
+//! Which pieces this node brings across the WAN for its site.
+//!
+//! A site reaches the origin and the other sites through a slower link, and a version should
+//! cross that link about once per site. The nodes of a site that download the same version
+//! ("mates") split its pieces among themselves by rendezvous hashing on groups of adjacent
+//! pieces: each group has one owner in the site, the node whose hash of (node, group) is highest.
+//! The owner fetches the group from other sites or the origin; the other mates wait for it to
+//! appear in the site and fetch it there. Every mate computes the same owner from the same set of
+//! mates without talking to anyone, and when a mate leaves, its groups move to the others.
+//!
+//! Mates learn each other a moment apart, so for that moment two mates may both fetch a group:
+//! the split bounds the waste, it does not forbid it. When the site stalls (a mate that owns
+//! groups stops delivering them), the caller calls [`Crossing::open`] and every piece may cross.
+//!
+//! The download applies the policy by showing its scheduler only the pieces a remote peer holds
+//! that may cross ([`Crossing::mask`]); same-site peers are shown in full.
+//!
+//! It does no I/O and knows nothing of peers beyond their id bytes.
+
+use std::collections::BTreeSet;
+
+use crate::bitfield::Bitfield;
+use crate::manifest::PieceIndex;
+
+/// Pieces per ownership group: a multiple of a request's span, so spans stay whole.
+pub const GROUP: u32 = 16;
+
+/// The crossing policy of one download at one node.
+#[derive(Debug, Clone)]
+pub struct Crossing {
+    me: u64,
+    mates: BTreeSet<u64>,
+    open: bool,
+}
+
+impl Crossing {
+    /// The policy of the node whose id bytes are `me`, with no mates yet (everything crosses).
+    pub fn new(me: &[u8]) -> Self {
+        Self {
+            me: node_key(me),
+            mates: BTreeSet::new(),
+            open: false,
+        }
+    }
+
+    /// A same-site node downloads this version too. Returns whether the split changed.
+    pub fn add_mate(&mut self, id: &[u8]) -> bool {
+        let key = node_key(id);
+        key != self.me && self.mates.insert(key)
+    }
+
+    /// A mate left (or finished and went away). Returns whether the split changed.
+    pub fn remove_mate(&mut self, id: &[u8]) -> bool {
+        self.mates.remove(&node_key(id))
+    }
+
+    pub fn mates(&self) -> usize {
+        self.mates.len()
+    }
+
+    /// From now on every piece may cross. Returns whether that is news.
+    pub fn open(&mut self) -> bool {
+        !std::mem::replace(&mut self.open, true)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Whether this node may fetch `piece` from another site or the origin.
+    pub fn may_cross(&self, piece: PieceIndex) -> bool {
+        if self.open || self.mates.is_empty() {
+            return true;
+        }
+        let group = piece / GROUP;
+        let mine = score(self.me, group);
+        self.mates.iter().all(|&mate| score(mate, group) < mine)
+    }
+
+    /// A remote peer's availability as the scheduler should see it: only pieces that may cross.
+    pub fn mask(&self, held: &Bitfield) -> Bitfield {
+        if self.open || self.mates.is_empty() {
+            return held.clone();
+        }
+        let mut out = Bitfield::new(held.len());
+        let groups = held.len().div_ceil(GROUP);
+        for group in 0..groups {
+            if !self.may_cross(group * GROUP) {
+                continue;
+            }
+            let end = ((group + 1) * GROUP).min(held.len());
+            for piece in group * GROUP..end {
+                if held.get(piece) {
+                    out.set(piece);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn node_key(id: &[u8]) -> u64 {
+    let hash = blake3::hash(id);
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(bytes)
+}
+
+/// Rendezvous score of `node` for `group`: a well-mixed function of both.
+fn score(node: u64, group: u32) -> u64 {
+    let mut z = node ^ u64::from(group).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(n: u8) -> Vec<Crossing> {
+        let ids: Vec<Vec<u8>> = (0..n).map(|i| vec![i; 38]).collect();
+        ids.iter()
+            .map(|me| {
+                let mut c = Crossing::new(me);
+                for other in &ids {
+                    c.add_mate(other);
+                }
+                c
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_piece_has_exactly_one_owner_in_the_site() {
+        let nodes = site(4);
+        let mut owned = [0u32; 4];
+        for piece in 0..4096 {
+            let owners: Vec<usize> = (0..4).filter(|&i| nodes[i].may_cross(piece)).collect();
+            assert_eq!(owners.len(), 1, "piece {piece}: {owners:?}");
+            owned[owners[0]] += 1;
+        }
+        // Rendezvous hashing spreads the groups: nobody owns less than half its fair share.
+        assert!(owned.iter().all(|&n| n > 4096 / 4 / 2), "{owned:?}");
+    }
+
+    #[test]
+    fn groups_stay_whole() {
+        let nodes = site(3);
+        for group in 0..64 {
+            let first = nodes[0].may_cross(group * GROUP);
+            for piece in group * GROUP..(group + 1) * GROUP {
+                assert_eq!(nodes[0].may_cross(piece), first);
+            }
+        }
+    }
+
+    #[test]
+    fn alone_or_open_everything_crosses() {
+        let alone = Crossing::new(b"me");
+        assert!((0..100).all(|p| alone.may_cross(p)));
+        let mut nodes = site(2);
+        assert!(!(0..1000).all(|p| nodes[0].may_cross(p)));
+        assert!(nodes[0].open());
+        assert!(!nodes[0].open(), "opening twice is not news");
+        assert!((0..1000).all(|p| nodes[0].may_cross(p)));
+    }
+
+    #[test]
+    fn a_leaving_mate_hands_its_groups_over() {
+        let mut nodes = site(3);
+        let leaving = vec![2u8; 38];
+        assert!(nodes[0].remove_mate(&leaving));
+        assert!(nodes[1].remove_mate(&leaving));
+        for piece in 0..2048 {
+            assert!(nodes[0].may_cross(piece) != nodes[1].may_cross(piece));
+        }
+        assert!(!nodes[0].add_mate(&[0u8; 38]), "itself is never a mate");
+    }
+
+    #[test]
+    fn mask_keeps_only_pieces_that_may_cross() {
+        let nodes = site(2);
+        let held = Bitfield::full(100);
+        let masked = nodes[0].mask(&held);
+        for piece in 0..100 {
+            assert_eq!(masked.get(piece), nodes[0].may_cross(piece));
+        }
+        let other = nodes[1].mask(&held);
+        assert_eq!(masked.count_ones() + other.count_ones(), 100);
+    }
+}
