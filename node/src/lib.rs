@@ -19,6 +19,8 @@
 //! | [`member`] | starting a member: identity, network, repository, uploader |
 //! | [`swarm_commands`] | `daemon`, `seed`, `fetch`, `status` |
 //! | [`api`] | the local control API: `/status` and `/metrics` |
+//! | [`tracker_service`] | `tracker`: the tracker library on a libp2p node |
+//! | [`lease`] | leases that keep a version in use away from retention |
 
 pub mod api;
 pub mod cli;
@@ -58,5 +60,62 @@ impl Outcome {
             Self::Usage => 2,
             Self::NotFound => 3,
         }
+    }
+}
+
+/// The whole `imiswarm` program on already-split arguments (the first is the program name):
+/// parse, set up logging, run, and map the outcome to an exit code. The `imiswarm` binary is
+/// this; `imiswarm-testnet node ...` is this too, so one binary can run a whole test swarm.
+pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
+    use clap::Parser;
+    let cli = cli::Cli::parse_from(args);
+    init_tracing(cli.log_format);
+    let outcome = match commands::run(cli.command) {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            // One line for a person; the chain of causes keeps it precise.
+            eprintln!("imiswarm: {err:#}");
+            classify(&err)
+        }
+    };
+    outcome.code()
+}
+
+/// A missing file is "not found" (3); anything else that went wrong is "failed" (1).
+fn classify(err: &anyhow::Error) -> Outcome {
+    use crate::{keys::KeyError, repo::RepoError, store::StoreError};
+    let not_found = err.chain().any(|cause| {
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| match cause.downcast_ref::<RepoError>() {
+                Some(RepoError::Io { error, .. }) => Some(error),
+                _ => None,
+            })
+            .or_else(|| match cause.downcast_ref::<StoreError>() {
+                Some(StoreError::Io { error, .. }) => Some(error),
+                _ => None,
+            })
+            .or_else(|| match cause.downcast_ref::<KeyError>() {
+                Some(KeyError::Read { error, .. }) => Some(error),
+                _ => None,
+            });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    });
+    if not_found {
+        Outcome::NotFound
+    } else {
+        Outcome::Failed
+    }
+}
+
+pub fn init_tracing(format: cli::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("IMISWARM_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        cli::LogFormat::Text => builder.init(),
+        cli::LogFormat::Json => builder.json().init(),
     }
 }

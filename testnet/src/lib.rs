@@ -10,8 +10,10 @@
 //! | [`sim`] | a swarm in virtual time around the real scheduler |
 //! | [`local`] | a real swarm of imiswarm members inside this process, on loopback |
 //! | [`demo`] | the README's demo and the `simulate` command |
+//! | [`netns`] | test hosts in network namespaces with kernel-shaped links |
 
 pub mod bound;
 pub mod demo;
 pub mod local;
+pub mod netns;
 pub mod sim;

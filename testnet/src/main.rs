@@ -26,11 +26,22 @@ enum Command {
     },
     /// Simulate a rollout in virtual time with the real piece scheduler.
     Simulate(imiswarm_testnet::demo::SimulateArgs),
+    /// Run `imiswarm` itself with these arguments (how the testnet starts its nodes, so one
+    /// binary runs a whole swarm).
+    #[command(hide = true)]
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Node { args } => {
+            let argv = std::iter::once("imiswarm".into()).chain(args);
+            return ExitCode::from(imiswarm_node::main_with(argv));
+        }
         Command::Demo { workdir } => imiswarm_testnet::demo::run_demo(workdir),
         Command::Simulate(args) => imiswarm_testnet::demo::run_simulate(&args),
     };
