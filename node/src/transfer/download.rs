@@ -2,8 +2,9 @@
 //!
 //! Locality: peers of this node's site are shown to the scheduler with everything they hold;
 //! peers of other sites and the origin only with the pieces this node brings across for its
-//! site ([`Crossing`]), until the site stalls for [`SITE_PATIENCE`]. So a version crosses a
-//! site's WAN link about once, then spreads inside the site.
+//! site ([`Crossing`]), until the site stalls for [`SITE_PATIENCE`] or its peers answer "busy"
+//! again and again (saturated). So a version crosses a site's WAN link about once, then spreads
+//! inside the site.
 //!
 //! One task per version owns the [`Scheduler`]; it learns availability from the node (a
 //! bitfield when a peer becomes interesting, batched haves after), sends each request it gets
@@ -52,6 +53,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// With nothing in flight for this long while pieces are missing, the site has stalled: every
 /// piece may then come from other sites or the origin.
 pub const SITE_PATIENCE: Duration = Duration::from_secs(3);
+/// This many "busy" answers from same-site peers within [`SITE_PATIENCE`] mean they are
+/// saturated: every piece may then come from other sites too.
+const SITE_SATURATED_BUSY: usize = 16;
 
 /// What the node tells a download.
 #[derive(Debug)]
@@ -153,7 +157,9 @@ pub enum DownloadError {
 /// Why a piece did not arrive from a peer.
 #[derive(Debug)]
 enum Failure {
-    /// The peer said busy, missing or unknown, or the stream broke: try elsewhere.
+    /// Every upload slot of the peer is taken: try elsewhere.
+    Busy,
+    /// The peer said missing or unknown, or the stream broke: try elsewhere.
     Soft(String),
     /// The peer sent bytes that do not match the hash, or violated the protocol: ban it.
     Bad(String),
@@ -233,6 +239,8 @@ pub async fn run(
     // Pieces requested and not yet reported back.
     let mut outstanding: u32 = 0;
     let mut idle_since: Option<tokio::time::Instant> = None;
+    // When same-site peers answered "busy" lately.
+    let mut site_busy: std::collections::VecDeque<tokio::time::Instant> = Default::default();
     let publish = |scheduler: &Scheduler<PeerId>,
                    peers: usize,
                    by_peer: &HashMap<PeerId, u64>,
@@ -330,6 +338,24 @@ pub async fn run(
                     Err(Failure::Soft(reason)) => {
                         tracing::trace!(peer = %outcome.peer, piece = outcome.piece, %reason, "piece not received");
                         scheduler.on_failure(outcome.peer, outcome.piece, now);
+                    }
+                    Err(Failure::Busy) => {
+                        scheduler.on_failure(outcome.peer, outcome.piece, now);
+                        // The origin's "busy" is super-seeding; a same-site peer's is a full
+                        // upload: enough of those and the site cannot keep up alone.
+                        if !remote.contains_key(&outcome.peer) && peers.contains(&outcome.peer) {
+                            let t = tokio::time::Instant::now();
+                            site_busy.push_back(t);
+                            while site_busy.front().is_some_and(|f| t - *f > SITE_PATIENCE) {
+                                site_busy.pop_front();
+                            }
+                            if site_busy.len() >= SITE_SATURATED_BUSY && crossing.open() {
+                                tracing::info!(
+                                    "same-site peers are saturated: fetching from other sites too"
+                                );
+                                remask(&mut scheduler, &remote, &crossing);
+                            }
+                        }
                     }
                     Err(Failure::Bad(reason)) => {
                         ctx.stats.bad_pieces.fetch_add(1, Ordering::Relaxed);
@@ -497,7 +523,10 @@ async fn fetch_span_inner(
         }
     })?;
     if header.status != PieceStatus::Ok {
-        return Err(Failure::Soft(format!("peer answered {:?}", header.status)));
+        return Err(match header.status {
+            PieceStatus::Busy => Failure::Busy,
+            other => Failure::Soft(format!("peer answered {other:?}")),
+        });
     }
     if header.first != request.first || header.count == 0 || header.count > request.count {
         return Err(Failure::Bad(
