@@ -50,6 +50,9 @@ pub struct VersionReport {
     pub complete: bool,
     pub verified_pieces: u32,
     pub total_pieces: u32,
+    /// At the origin: pieces its first pass has not sent yet (0: each has left once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_pass_left: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +126,7 @@ impl ApiState {
                         complete,
                         verified_pieces: verified,
                         total_pieces: total,
+                        first_pass_left: self.library.first_pass_left(&id),
                     },
                 )
                 .collect(),
@@ -267,6 +271,29 @@ impl Metrics {
             self.out,
         )
     }
+}
+
+/// How often the status file is rewritten.
+const STATUS_FILE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Writes the `/status` report to `path` twice a second (for monitors that read files, and for
+/// the testnet, whose nodes may sit in namespaces or containers it cannot reach by TCP). Each
+/// write replaces the file in one rename, so a reader never sees half a report.
+pub fn spawn_status_file(state: ApiState, path: std::path::PathBuf) {
+    tokio::spawn(async move {
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        loop {
+            let report = state.report().await;
+            if let Ok(json) = serde_json::to_vec(&report) {
+                let written = tokio::fs::write(&tmp, json).await;
+                if let Err(e) = written.and(tokio::fs::rename(&tmp, &path).await) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the status file");
+                }
+            }
+            tokio::time::sleep(STATUS_FILE_EVERY).await;
+        }
+    });
 }
 
 /// Binds `addr` (an error names the setting) and serves the API in a task of its own.

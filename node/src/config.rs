@@ -99,6 +99,9 @@ pub struct NodeFlags {
     /// The tracker's catalogue database (for `tracker`; default `<repo>/tracker.redb`).
     #[arg(long, env = "IMISWARM_DATABASE")]
     pub database: Option<PathBuf>,
+    /// Rewrite this file with the `/status` report (JSON) twice a second.
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
     /// Testing only: flip a byte in every piece served, to exercise other nodes' bans.
     #[arg(long, hide = true)]
     pub corrupt_uploads: bool,
@@ -126,6 +129,7 @@ pub struct NodeConfig {
     pub api: Option<std::net::SocketAddr>,
     pub mdns: bool,
     pub database: Option<PathBuf>,
+    pub status_file: Option<PathBuf>,
     pub corrupt_uploads: bool,
 }
 
@@ -250,6 +254,7 @@ impl NodeFlags {
             api: parse_api(self.api.as_ref().or(file.api.as_ref()), default_api)?,
             mdns: self.mdns || file.mdns.unwrap_or(false),
             database: self.database.clone().or(file.database),
+            status_file: self.status_file.clone(),
             corrupt_uploads: self.corrupt_uploads,
         })
     }

@@ -144,6 +144,11 @@ impl Library {
         }
     }
 
+    /// For an origin version, how many pieces its first pass has yet to send.
+    pub fn first_pass_left(&self, id: &Hash) -> Option<u32> {
+        self.read().origin.get(id).map(SuperSeed::first_pass_left)
+    }
+
     /// An admitted origin upload broke off.
     pub fn aborted(&self, id: &Hash, piece: PieceIndex) {
         if let Some(policy) = self.write().origin.get_mut(id) {

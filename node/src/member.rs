@@ -128,22 +128,20 @@ impl Member {
             load_repo(repo, &library, &mut node, &trusted)?;
         }
         let (commands, commands_rx) = mpsc::channel(16);
+        let api_state = crate::api::ApiState {
+            net: net.clone(),
+            library: library.clone(),
+            upload: upload_stats.clone(),
+            download: download_stats.clone(),
+            commands: commands.clone(),
+            site: config.site.clone(),
+            role,
+        };
+        if let Some(path) = &config.status_file {
+            crate::api::spawn_status_file(api_state.clone(), path.clone());
+        }
         let api = match config.api {
-            Some(addr) => Some(
-                crate::api::start(
-                    addr,
-                    crate::api::ApiState {
-                        net: net.clone(),
-                        library: library.clone(),
-                        upload: upload_stats.clone(),
-                        download: download_stats.clone(),
-                        commands: commands.clone(),
-                        site: config.site.clone(),
-                        role,
-                    },
-                )
-                .await?,
-            ),
+            Some(addr) => Some(crate::api::start(addr, api_state).await?),
             None => None,
         };
         Ok(Self {
@@ -232,6 +230,12 @@ impl Running {
         bytes: Vec<u8>,
     ) {
         let id = version.id;
+        tracing::info!(
+            image = %version.manifest.image,
+            version = version.manifest.version,
+            manifest = %id,
+            "published"
+        );
         self.library.add_complete(Arc::new(version));
         self.library.set_origin(id);
         let _ = self.commands.send(NodeCommand::Remember(signed)).await;

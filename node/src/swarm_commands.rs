@@ -221,7 +221,11 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<Outcome> {
         bar.finish_and_clear();
         if outcome == Outcome::Done && args.linger > 0 {
             tracing::info!(seconds = args.linger, "lingering to serve pieces");
-            tokio::time::sleep(Duration::from_secs(args.linger)).await;
+            // A stop (Ctrl-C, SIGTERM) ends the lingering early, with the totals logged.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(args.linger)) => {}
+                _ = shutdown_signal() => {}
+            }
         }
         report_totals(&running, &config.site);
         let _ = stop_tx.send(());

@@ -8,6 +8,8 @@
 //! appear in the site and fetch it there. Every mate computes the same owner from the same set of
 //! mates without talking to anyone, and when a mate leaves, its groups move to the others.
 //!
+//! A piece some peer of the site already holds never crosses at all: it is fetched in the site.
+//!
 //! Mates learn each other a moment apart, so for that moment two mates may both fetch a group:
 //! the split bounds the waste, it does not forbid it. When the site stalls (a mate that owns
 //! groups stops delivering them), the caller calls [`Crossing::open`] and every piece may cross.
@@ -17,7 +19,7 @@
 //!
 //! It does no I/O and knows nothing of peers beyond their id bytes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::bitfield::Bitfield;
 use crate::manifest::PieceIndex;
@@ -31,27 +33,79 @@ pub struct Crossing {
     me: u64,
     mates: BTreeSet<u64>,
     open: bool,
+    /// What each same-site peer holds, and their union.
+    site_peers: BTreeMap<u64, Bitfield>,
+    site: Bitfield,
+    /// The answer of `may_cross` changed for some piece since the last `take_changed`.
+    changed: bool,
 }
 
 impl Crossing {
-    /// The policy of the node whose id bytes are `me`, with no mates yet (everything crosses).
-    pub fn new(me: &[u8]) -> Self {
+    /// The policy of the node whose id bytes are `me`, for a version of `pieces` pieces, with no
+    /// mates yet (everything crosses).
+    pub fn new(me: &[u8], pieces: u32) -> Self {
         Self {
             me: node_key(me),
             mates: BTreeSet::new(),
             open: false,
+            site_peers: BTreeMap::new(),
+            site: Bitfield::new(pieces),
+            changed: false,
         }
     }
 
     /// A same-site node downloads this version too. Returns whether the split changed.
     pub fn add_mate(&mut self, id: &[u8]) -> bool {
         let key = node_key(id);
-        key != self.me && self.mates.insert(key)
+        let added = key != self.me && self.mates.insert(key);
+        self.changed |= added;
+        added
     }
 
     /// A mate left (or finished and went away). Returns whether the split changed.
     pub fn remove_mate(&mut self, id: &[u8]) -> bool {
-        self.mates.remove(&node_key(id))
+        let removed = self.mates.remove(&node_key(id));
+        self.changed |= removed;
+        removed
+    }
+
+    /// What a same-site peer holds (its full availability). A bitfield of the wrong length is
+    /// ignored.
+    pub fn site_holds(&mut self, id: &[u8], held: &Bitfield) {
+        if held.len() != self.site.len() {
+            return;
+        }
+        self.site_peers.insert(node_key(id), held.clone());
+        for piece in held.iter_ones() {
+            self.changed |= self.site.set(piece);
+        }
+    }
+
+    /// A same-site peer now also holds `piece`.
+    pub fn site_has(&mut self, id: &[u8], piece: PieceIndex) {
+        if let Some(held) = self.site_peers.get_mut(&node_key(id)) {
+            held.set(piece);
+            self.changed |= self.site.set(piece);
+        }
+    }
+
+    /// A same-site peer is gone: what only it held may cross again.
+    pub fn site_peer_gone(&mut self, id: &[u8]) {
+        if self.site_peers.remove(&node_key(id)).is_some() {
+            let mut union = Bitfield::new(self.site.len());
+            for held in self.site_peers.values() {
+                for piece in held.iter_ones() {
+                    union.set(piece);
+                }
+            }
+            self.site = union;
+            self.changed = true;
+        }
+    }
+
+    /// Whether what may cross changed since the last call (the caller re-masks remote peers).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     pub fn mates(&self) -> usize {
@@ -60,7 +114,9 @@ impl Crossing {
 
     /// From now on every piece may cross. Returns whether that is news.
     pub fn open(&mut self) -> bool {
-        !std::mem::replace(&mut self.open, true)
+        let news = !std::mem::replace(&mut self.open, true);
+        self.changed |= news;
+        news
     }
 
     pub fn is_open(&self) -> bool {
@@ -69,33 +125,44 @@ impl Crossing {
 
     /// Whether this node may fetch `piece` from another site or the origin.
     pub fn may_cross(&self, piece: PieceIndex) -> bool {
-        if self.open || self.mates.is_empty() {
+        if self.open {
             return true;
         }
-        let group = piece / GROUP;
-        let mine = score(self.me, group);
-        self.mates.iter().all(|&mate| score(mate, group) < mine)
+        if self.site.get(piece) {
+            return false;
+        }
+        if self.mates.is_empty() {
+            return true;
+        }
+        self.owns(piece / GROUP)
     }
 
     /// A remote peer's availability as the scheduler should see it: only pieces that may cross.
     pub fn mask(&self, held: &Bitfield) -> Bitfield {
-        if self.open || self.mates.is_empty() {
+        if self.open {
             return held.clone();
         }
         let mut out = Bitfield::new(held.len());
         let groups = held.len().div_ceil(GROUP);
         for group in 0..groups {
-            if !self.may_cross(group * GROUP) {
+            let mine = self.mates.is_empty() || self.owns(group);
+            if !mine {
                 continue;
             }
             let end = ((group + 1) * GROUP).min(held.len());
             for piece in group * GROUP..end {
-                if held.get(piece) {
+                if held.get(piece) && !self.site.get(piece) {
                     out.set(piece);
                 }
             }
         }
         out
+    }
+
+    /// Whether this node is the one of its site that brings `group` across.
+    fn owns(&self, group: u32) -> bool {
+        let mine = score(self.me, group);
+        self.mates.iter().all(|&mate| score(mate, group) < mine)
     }
 }
 
@@ -122,7 +189,7 @@ mod tests {
         let ids: Vec<Vec<u8>> = (0..n).map(|i| vec![i; 38]).collect();
         ids.iter()
             .map(|me| {
-                let mut c = Crossing::new(me);
+                let mut c = Crossing::new(me, 4096);
                 for other in &ids {
                     c.add_mate(other);
                 }
@@ -157,7 +224,7 @@ mod tests {
 
     #[test]
     fn alone_or_open_everything_crosses() {
-        let alone = Crossing::new(b"me");
+        let alone = Crossing::new(b"me", 100);
         assert!((0..100).all(|p| alone.may_cross(p)));
         let mut nodes = site(2);
         assert!(!(0..1000).all(|p| nodes[0].may_cross(p)));
@@ -179,8 +246,33 @@ mod tests {
     }
 
     #[test]
+    fn what_the_site_holds_never_crosses() {
+        let mut c = Crossing::new(b"me", 64);
+        let mut cache = Bitfield::new(64);
+        for p in 0..32 {
+            cache.set(p);
+        }
+        c.site_holds(b"cache", &cache);
+        assert!(c.take_changed());
+        assert!(!c.may_cross(5) && c.may_cross(40));
+        assert_eq!(c.mask(&Bitfield::full(64)).count_ones(), 32);
+        c.site_has(b"cache", 40);
+        assert!(!c.may_cross(40));
+        c.site_has(b"stranger", 50);
+        assert!(c.may_cross(50), "only known same-site peers count");
+        c.site_peer_gone(b"cache");
+        assert!(c.may_cross(5) && c.may_cross(40));
+        assert!(c.open());
+        c.site_holds(b"cache", &cache);
+        assert!(c.may_cross(5), "open: everything crosses");
+    }
+
+    #[test]
     fn mask_keeps_only_pieces_that_may_cross() {
-        let nodes = site(2);
+        let mut nodes = site(2);
+        for n in &mut nodes {
+            n.site = Bitfield::new(100);
+        }
         let held = Bitfield::full(100);
         let masked = nodes[0].mask(&held);
         for piece in 0..100 {

@@ -16,8 +16,6 @@ use imiswarm_node::repo::{self, BuildRequest};
 use imiswarm_protocol::announce::{Announcement, Lifecycle, PublisherKey, TrustedKeys};
 use imiswarm_protocol::limits::DEFAULT_PIECE_SIZE;
 
-use crate::bound::FluidBound;
-use crate::local::{LocalNode, LocalSwarm, NodeResult};
 use crate::sim::{SimConfig, SimNode, SimReport, simulate};
 
 /// Options of `imiswarm-testnet simulate`.
@@ -265,148 +263,113 @@ pub fn run_demo(workdir: Option<PathBuf>) -> anyhow::Result<()> {
     println!("   original: ok; corrupted copy: {damaged:?}");
 
     println!(
-        "5. a real swarm on this machine: the origin and 2 sites x 3 cache servers, each a full"
+        "5. a real swarm on this machine: a tracker, an origin and two sites of cache servers"
     );
     println!(
-        "   imiswarm member over TCP on 127.0.0.1, every link capped at {DEMO_MBIT} Mbit/s each way"
+        "   and workstations, each an imiswarm process on 127.0.0.1 with {DEMO_MBIT} Mbit/s links;"
     );
-    let rate = DEMO_MBIT * 1_000_000 / 8;
-    let nodes: Vec<LocalNode> = ["a1", "a2", "a3", "b1", "b2", "b3"]
-        .iter()
-        .map(|n| LocalNode {
-            name: (*n).to_owned(),
-            site: format!("lab-{}", &n[..1]),
-        })
-        .collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let mut swarm = LocalSwarm::start(&swarm_root, publisher, "centre", &nodes, Some(rate)).await?;
-        let travelling = travelling_bytes(&manifest);
-        let results = swarm.publish_and_wait(image, version, Duration::from_secs(300)).await?;
-        let origin_v1 = swarm.origin_uploaded();
-        print_rollout(&results, travelling, origin_v1, rate as f64);
-
-        println!("\n6. version 2: 5% of the disk's pieces change; every node takes the rest from version 1");
-        let v2_dir = repo::version_dir(&repo_dir, image, version + 1);
-        copy_tree(&dir, &v2_dir)?;
-        let changed = change_pieces(&v2_dir.join("disk.img"), manifest.piece_size as usize, 0.05)?;
-        let m2 = repo::build_manifest(
-            &BuildRequest {
-                repo: &repo_dir,
-                image,
-                version: version + 1,
-                piece_size: DEFAULT_PIECE_SIZE,
-                parent: Some(version),
-                boot_profile: Vec::new(),
-            },
-            &mut |_| {},
-            &mut |_| {},
+    println!("   version 1, then version 2 with 5% of its pieces changed");
+    let scenario = crate::scenario::Scenario::parse(DEMO_SCENARIO)?;
+    let opts = crate::runner::RunOptions {
+        backend: crate::backend::BackendKind::Process,
+        workdir: root.join("swarm"),
+        binary: std::env::current_exe().context("locating this program")?,
+        size: None,
+        http_baseline: true,
+        progress: true,
+    };
+    let reports = crate::runner::run(&scenario, &opts)?;
+    for report in &reports {
+        println!("\n{}", report.table());
+    }
+    if let Some(last) = reports.last() {
+        let svg = root.join("completion.svg");
+        std::fs::write(&svg, last.svg())?;
+        std::fs::write(
+            root.join("report.json"),
+            serde_json::to_string_pretty(&reports)?,
         )?;
-        repo::write_manifest(&repo_dir, &m2)?;
-        let results = swarm.publish_and_wait(image, version + 1, Duration::from_secs(300)).await?;
-        let changed_bytes = changed as u64 * u64::from(manifest.piece_size);
-        println!("\n node  site    done at (s)   moved over the network   taken from version 1");
-        for r in &results {
-            println!(
-                " {:<5} {:<7} {:>8.2}       {:>9.2} MiB              {:>9.2} MiB",
-                r.name,
-                r.site,
-                r.seconds.unwrap_or(f64::NAN),
-                mib(r.received_bytes),
-                mib(r.reused_bytes)
-            );
-        }
-        let worst = results.iter().map(|r| r.received_bytes).max().unwrap_or(0);
         println!(
-            " changed: {changed} pieces = {:.2} MiB; the most any node moved: {:.2} MiB ({:.2}x the changed bytes)",
-            mib(changed_bytes),
-            mib(worst),
-            worst as f64 / changed_bytes.max(1) as f64
+            "report: {} and {}",
+            root.join("report.json").display(),
+            svg.display()
         );
-        swarm.stop();
-        anyhow::Ok(())
-    })?;
+    }
+    if reports.iter().any(|r| !r.all_correct) {
+        bail!("some node ended with wrong files");
+    }
     Ok(())
 }
 
+/// The demo's swarm: small enough to finish in about a minute on two cores.
+const DEMO_SCENARIO: &str = r#"
+name = "demo"
+description = "Two sites of cache servers and workstations; version 1, then version 2."
+
+[image]
+size = "24MiB"
+files = 3
+zero_share = 0.25
+changed_share = 0.05
+
+[defaults]
+upload = "200Mbit"
+download = "200Mbit"
+
+[[nodes]]
+name = "tracker"
+role = "tracker"
+site = "centre"
+
+[[nodes]]
+name = "origin"
+role = "origin"
+site = "centre"
+
+[[nodes]]
+name = "cache-a"
+role = "cache"
+site = "lab-a"
+count = 2
+
+[[nodes]]
+name = "ws-a"
+role = "workstation"
+site = "lab-a"
+count = 2
+
+[[nodes]]
+name = "cache-b"
+role = "cache"
+site = "lab-b"
+count = 2
+
+[[nodes]]
+name = "ws-b"
+role = "workstation"
+site = "lab-b"
+count = 2
+
+[[events]]
+action = "publish"
+version = 1
+
+[[events]]
+action = "wait"
+
+[[events]]
+action = "mark"
+
+[[events]]
+action = "publish"
+version = 2
+
+[[events]]
+action = "wait"
+"#;
+
 /// Each demo link's rate, both ways.
 const DEMO_MBIT: u64 = 200;
-
-fn mib(b: u64) -> f64 {
-    b as f64 / f64::from(1 << 20)
-}
-
-/// Bytes that travel: every piece that is not all zeros.
-fn travelling_bytes(m: &imiswarm_protocol::Manifest) -> u64 {
-    let layout = m.layout();
-    m.travelling()
-        .iter_ones()
-        .filter_map(|i| layout.locate(i))
-        .map(|l| u64::from(l.len))
-        .sum()
-}
-
-/// Flips one byte in `share` of the file's non-zero pieces; returns how many pieces changed.
-fn change_pieces(path: &Path, piece: usize, share: f64) -> anyhow::Result<usize> {
-    let mut bytes = std::fs::read(path)?;
-    let candidates: Vec<usize> = (0..bytes.len().div_ceil(piece))
-        .filter(|&i| {
-            bytes[i * piece..((i + 1) * piece).min(bytes.len())]
-                .iter()
-                .any(|&b| b != 0)
-        })
-        .collect();
-    let count = ((candidates.len() as f64 * share).round() as usize).max(1);
-    let stride = (candidates.len() / count).max(1);
-    let mut changed = 0;
-    for &i in candidates.iter().step_by(stride).take(count) {
-        bytes[i * piece] ^= 0xa5;
-        changed += 1;
-    }
-    std::fs::write(path, bytes)?;
-    Ok(changed)
-}
-
-fn print_rollout(results: &[NodeResult], travelling: u64, origin: u64, rate: f64) {
-    println!("\n node  site    done at (s)   received (MiB)   uploaded to peers (MiB)");
-    for r in results {
-        println!(
-            " {:<5} {:<7} {:>8.2}       {:>9.2}        {:>9.2}",
-            r.name,
-            r.site,
-            r.seconds.unwrap_or(f64::NAN),
-            mib(r.received_bytes),
-            mib(r.uploaded_bytes)
-        );
-    }
-    let t = results.iter().filter_map(|r| r.seconds).fold(0.0, f64::max);
-    let n = results.len();
-    let bound = FluidBound {
-        file_bytes: travelling as f64,
-        seed_upload: rate,
-        downloads: vec![rate; n],
-        uploads: vec![rate; n],
-    }
-    .seconds();
-    let http = n as f64 * travelling as f64 / rate;
-    println!(
-        "\n bytes that travel      {:.2} MiB (all-zero pieces never do)",
-        mib(travelling)
-    );
-    println!(" distribution time T    {t:.2} s");
-    println!(
-        " fluid bound T_min      {bound:.2} s   T/T_min = {:.2}",
-        t / bound
-    );
-    println!(" one central server     {http:.2} s   (each of the {n} nodes fetches its own copy)");
-    println!(
-        " origin upload          {:.2} MiB = {:.2} x the image",
-        mib(origin),
-        origin as f64 / travelling as f64
-    );
-}
 
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     for f in repo::scan(from)? {

@@ -11,9 +11,22 @@
 //! | [`local`] | a real swarm of imiswarm members inside this process, on loopback |
 //! | [`demo`] | the README's demo and the `simulate` command |
 //! | [`netns`] | test hosts in network namespaces with kernel-shaped links |
+//! | [`scenario`] | scenario files: nodes, links, image, timed events |
+//! | [`image`] | deterministic sample images and their versions |
+//! | [`backend`] | where nodes run: processes, namespaces, containers |
+//! | [`runner`] | running a scenario on a backend and measuring it |
+//! | [`report`] | the report: table, JSON, SVG |
+//! | [`http`] | the central HTTP server baseline |
 
+pub mod backend;
 pub mod bound;
+pub mod cli;
 pub mod demo;
+pub mod http;
+pub mod image;
 pub mod local;
 pub mod netns;
+pub mod report;
+pub mod runner;
+pub mod scenario;
 pub mod sim;

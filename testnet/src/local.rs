@@ -80,6 +80,7 @@ fn config(
         api: None,
         mdns: false,
         database: None,
+        status_file: None,
         corrupt_uploads: false,
     })
 }

@@ -24,6 +24,12 @@ enum Command {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
+    /// Run a scenario (a file, or the name of a shipped one: rollout, bootstorm, update,
+    /// churn, bad-peer) and report against the bound and a central HTTP server.
+    Run(imiswarm_testnet::cli::RunArgs),
+    /// The distribution benchmark: a rollout to N receivers, reported as T/T_min and against
+    /// one central HTTP server (netns backend; process where there is no root).
+    Bench(imiswarm_testnet::cli::BenchArgs),
     /// Simulate a rollout in virtual time with the real piece scheduler.
     Simulate(imiswarm_testnet::demo::SimulateArgs),
     /// Run `imiswarm` itself with these arguments (how the testnet starts its nodes, so one
@@ -44,6 +50,8 @@ fn main() -> ExitCode {
         }
         Command::Demo { workdir } => imiswarm_testnet::demo::run_demo(workdir),
         Command::Simulate(args) => imiswarm_testnet::demo::run_simulate(&args),
+        Command::Run(args) => imiswarm_testnet::cli::run(&args),
+        Command::Bench(args) => imiswarm_testnet::cli::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

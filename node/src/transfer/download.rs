@@ -53,6 +53,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// With nothing in flight for this long while pieces are missing, the site has stalled: every
 /// piece may then come from other sites or the origin.
 pub const SITE_PATIENCE: Duration = Duration::from_secs(3);
+/// How long a new download waits for its site's peers to say what they hold before it asks
+/// other sites or the origin for anything.
+const SITE_SETTLE: Duration = Duration::from_millis(200);
 /// This many "busy" answers from same-site peers within [`SITE_PATIENCE`] mean they are
 /// saturated: every piece may then come from other sites too.
 const SITE_SATURATED_BUSY: usize = 16;
@@ -233,7 +236,7 @@ pub async fn run(
     let mut by_peer: HashMap<PeerId, u64> = HashMap::new();
     let mut rate = RateMeter::default();
     let mut sites: HashMap<PeerId, String> = HashMap::new();
-    let mut crossing = Crossing::new(&ctx.net.local_peer_id.to_bytes());
+    let mut crossing = Crossing::new(&ctx.net.local_peer_id.to_bytes(), total);
     // What peers of other sites (and the origin) really hold; the scheduler sees it masked.
     let mut remote: HashMap<PeerId, Bitfield> = HashMap::new();
     // Pieces requested and not yet reported back.
@@ -267,11 +270,22 @@ pub async fn run(
         });
     };
     // The split of crossing changed: show every remote peer anew.
+    // Until the site has answered (or SITE_SETTLE passed), remote peers show nothing: a first
+    // round of requests sent across before the site's holdings are known would cross for
+    // nothing.
+    let started = tokio::time::Instant::now();
+    let mut settled = false;
     let remask = |scheduler: &mut Scheduler<PeerId>,
                   remote: &HashMap<PeerId, Bitfield>,
-                  crossing: &Crossing| {
+                  crossing: &Crossing,
+                  settled: bool| {
         for (peer, held) in remote {
-            scheduler.peer_bitfield(*peer, &crossing.mask(held));
+            let shown = if settled {
+                crossing.mask(held)
+            } else {
+                Bitfield::new(held.len())
+            };
+            scheduler.peer_bitfield(*peer, &shown);
         }
     };
 
@@ -286,12 +300,22 @@ pub async fn run(
                         peers.insert(peer);
                         if locality == Locality::SameSite {
                             scheduler.peer_bitfield(peer, &bitfield);
-                            if !bitfield.is_full() && crossing.add_mate(&peer.to_bytes()) {
-                                remask(&mut scheduler, &remote, &crossing);
+                            crossing.site_holds(&peer.to_bytes(), &bitfield);
+                            if !bitfield.is_full() {
+                                crossing.add_mate(&peer.to_bytes());
+                            } else {
+                                // The site holds everything: nothing need wait for it.
+                                settled = true;
+                            }
+                            if settled && crossing.take_changed() {
+                                remask(&mut scheduler, &remote, &crossing, settled);
                             }
                         } else {
-                            scheduler.peer_bitfield(peer, &crossing.mask(&bitfield));
                             remote.insert(peer, bitfield);
+                            if settled {
+                                let held = &remote[&peer];
+                                scheduler.peer_bitfield(peer, &crossing.mask(held));
+                            }
                         }
                     }
                 }
@@ -302,9 +326,14 @@ pub async fn run(
                         for &piece in &pieces {
                             held.set(piece);
                         }
+                    } else {
+                        let id = peer.to_bytes();
+                        for &piece in &pieces {
+                            crossing.site_has(&id, piece);
+                        }
                     }
                     for piece in pieces {
-                        if !masked || crossing.may_cross(piece) {
+                        if !masked || (settled && crossing.may_cross(piece)) {
                             scheduler.peer_have(peer, piece);
                         }
                     }
@@ -314,9 +343,8 @@ pub async fn run(
                     peers.remove(&peer);
                     interested.remove(&peer);
                     remote.remove(&peer);
-                    if crossing.remove_mate(&peer.to_bytes()) {
-                        remask(&mut scheduler, &remote, &crossing);
-                    }
+                    crossing.remove_mate(&peer.to_bytes());
+                    crossing.site_peer_gone(&peer.to_bytes());
                 }
                 Some(DownloadEvent::Interested { peer }) => {
                     interested.insert(peer);
@@ -353,7 +381,6 @@ pub async fn run(
                                 tracing::info!(
                                     "same-site peers are saturated: fetching from other sites too"
                                 );
-                                remask(&mut scheduler, &remote, &crossing);
                             }
                         }
                     }
@@ -367,9 +394,8 @@ pub async fn run(
                         scheduler.remove_peer(outcome.peer);
                         peers.remove(&outcome.peer);
                         remote.remove(&outcome.peer);
-                        if crossing.remove_mate(&outcome.peer.to_bytes()) {
-                            remask(&mut scheduler, &remote, &crossing);
-                        }
+                        crossing.remove_mate(&outcome.peer.to_bytes());
+                        crossing.site_peer_gone(&outcome.peer.to_bytes());
                     }
                     Err(Failure::Fatal(e)) => {
                         // Keep what is verified so a restart resumes.
@@ -388,15 +414,17 @@ pub async fn run(
                     last_checkpoint = tokio::time::Instant::now();
                 }
                 rate.tick(TICK);
-                if idle_since.is_some_and(|t| t.elapsed() >= SITE_PATIENCE)
-                    && crossing.mates() > 0
-                    && crossing.open()
+                if idle_since.is_some_and(|t| t.elapsed() >= SITE_PATIENCE) && crossing.open()
                 {
                     tracing::info!(
                         mates = crossing.mates(),
                         "the site stalled: fetching any piece from other sites"
                     );
-                    remask(&mut scheduler, &remote, &crossing);
+                }
+                let settling = !settled && started.elapsed() >= SITE_SETTLE;
+                settled |= settling;
+                if settled && (crossing.take_changed() || settling) {
+                    remask(&mut scheduler, &remote, &crossing, settled);
                 }
                 publish(&scheduler, peers.len(), &by_peer, &rate, &crossing);
             }

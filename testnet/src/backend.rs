@@ -1,0 +1,587 @@
+//! Where a scenario's nodes run: processes on loopback, network namespaces, or containers.
+//!
+//! | backend | a node is | links enforced by | a link cut |
+//! |---|---|---|---|
+//! | `process` | a process on 127.0.0.1, a port of its own | the node's own rate limiter | not supported |
+//! | `netns` | a process in a namespace of its own on a bridge | the kernel (tc), see [`crate::netns`] | its interface goes down |
+//! | `docker` | a container built FROM scratch from our binary, on its site's network and a WAN network (a compose project) | the node's own rate limiter | off the WAN network |
+//!
+//! Every backend runs the same program (this binary's `node` subcommand, which is `imiswarm`)
+//! with the same arguments but for addresses and paths, and every node's data directory is a
+//! directory of the host's work directory (a bind mount for containers), so the runner reads
+//! repositories, logs and status files the same way everywhere. Owns starting, stopping, killing
+//! and cutting nodes, and removing whatever it created (processes by PID, namespaces, the compose
+//! project); it does not decide what a node does (that is the runner).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+use crate::netns::{Lab, Shape};
+
+/// Which backend to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Process,
+    Netns,
+    Docker,
+}
+
+/// The port every node listens on where each has an address of its own.
+const PORT: u16 = 4500;
+
+/// What a backend needs to know of a node up front.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    pub site: String,
+    pub shape: Shape,
+}
+
+#[derive(Debug)]
+enum Running {
+    Child(Child),
+    Container(String),
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    kind: BackendKind,
+    binary: PathBuf,
+    workdir: PathBuf,
+    hosts: Vec<Host>,
+    /// process: each node's port on loopback.
+    ports: Vec<u16>,
+    lab: Option<Lab>,
+    docker: Option<Docker>,
+    running: Vec<Option<Running>>,
+}
+
+/// Why `kind` cannot run here, if it cannot.
+pub fn unavailable(kind: BackendKind) -> Option<String> {
+    match kind {
+        BackendKind::Process => None,
+        BackendKind::Netns => crate::netns::unavailable(),
+        BackendKind::Docker => {
+            let ok = Command::new("docker")
+                .args(["info", "--format", "{{.ServerVersion}}"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Some("no Docker engine answers (`docker info` failed)".into());
+            }
+            if Command::new("docker-compose")
+                .arg("version")
+                .output()
+                .is_err()
+            {
+                return Some("docker-compose is not installed".into());
+            }
+            None
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Backend {
+    /// Prepares hosts for every node (namespaces, or the image and networks of containers).
+    pub fn prepare(
+        kind: BackendKind,
+        binary: &Path,
+        workdir: &Path,
+        tag: &str,
+        hosts: Vec<Host>,
+    ) -> anyhow::Result<Self> {
+        if let Some(why) = unavailable(kind) {
+            bail!("the {kind:?} backend cannot run here: {why}");
+        }
+        let mut ports = Vec::new();
+        let mut lab = None;
+        let mut docker = None;
+        match kind {
+            BackendKind::Process => {
+                for _ in &hosts {
+                    ports.push(free_port()?);
+                }
+            }
+            BackendKind::Netns => {
+                let shapes: Vec<Shape> = hosts.iter().map(|h| h.shape).collect();
+                lab = Some(Lab::create(tag, &shapes)?);
+            }
+            BackendKind::Docker => {
+                docker = Some(Docker::prepare(binary, workdir, tag, &hosts)?);
+            }
+        }
+        let running = hosts.iter().map(|_| None).collect();
+        Ok(Self {
+            kind,
+            binary: binary.to_owned(),
+            workdir: workdir.to_owned(),
+            hosts,
+            ports,
+            lab,
+            docker,
+            running,
+        })
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// Whether the backend shapes links itself (else the nodes' own limiters must).
+    pub fn shapes_links(&self) -> bool {
+        self.kind == BackendKind::Netns
+    }
+
+    /// Whether latency is applied.
+    pub fn latency_applied(&self) -> bool {
+        self.lab.as_ref().is_some_and(Lab::netem)
+    }
+
+    /// The address other nodes reach node `i` at.
+    pub fn addr(&self, i: usize) -> String {
+        match self.kind {
+            BackendKind::Process => format!("/ip4/127.0.0.1/tcp/{}", self.ports[i]),
+            BackendKind::Netns => format!(
+                "/ip4/{}/tcp/{PORT}",
+                self.lab
+                    .as_ref()
+                    .map_or(Ipv4Addr::LOCALHOST, |l| l.hosts()[i].ip)
+            ),
+            BackendKind::Docker => format!(
+                "/ip4/{}/tcp/{PORT}",
+                self.docker
+                    .as_ref()
+                    .map_or(Ipv4Addr::LOCALHOST, |d| d.wan_ip(i))
+            ),
+        }
+    }
+
+    /// What node `i` listens on.
+    pub fn listen(&self, i: usize) -> String {
+        match self.kind {
+            BackendKind::Process => self.addr(i),
+            BackendKind::Netns | BackendKind::Docker => format!("/ip4/0.0.0.0/tcp/{PORT}"),
+        }
+    }
+
+    /// A host path of the work directory as node processes see it.
+    pub fn path(&self, host_path: &Path) -> String {
+        match self.kind {
+            BackendKind::Docker => {
+                let rel = host_path.strip_prefix(&self.workdir).unwrap_or(host_path);
+                Path::new(CONTAINER_WORKDIR).join(rel).display().to_string()
+            }
+            _ => host_path.display().to_string(),
+        }
+    }
+
+    /// Starts node `i` running `imiswarm ARGS`; its stderr goes to `log`.
+    pub fn start(&mut self, i: usize, args: &[String], log: &Path) -> anyhow::Result<()> {
+        self.stop(i);
+        let running = match self.kind {
+            BackendKind::Process | BackendKind::Netns => {
+                let mut command = match &self.lab {
+                    Some(lab) => lab.command(i, &self.binary),
+                    None => Command::new(&self.binary),
+                };
+                let child = command
+                    .arg("node")
+                    .args(["--log-format", "json"])
+                    .args(args)
+                    .env("IMISWARM_LOG", "info")
+                    .env_remove("IMISWARM_REPO")
+                    .env_remove("IMISWARM_CONFIG")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(log)?)
+                    .spawn()
+                    .with_context(|| format!("starting {}", self.hosts[i].name))?;
+                Running::Child(child)
+            }
+            BackendKind::Docker => {
+                let docker = self.docker.as_mut().context("docker not prepared")?;
+                Running::Container(docker.run(i, args, log)?)
+            }
+        };
+        self.running[i] = Some(running);
+        Ok(())
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.running[i].is_some()
+    }
+
+    /// SIGTERM and a bounded wait: the node logs its totals and exits.
+    pub fn stop(&mut self, i: usize) {
+        match self.running[i].take() {
+            Some(Running::Child(mut child)) => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Some(Running::Container(name)) => {
+                if let Some(d) = &self.docker {
+                    d.stop(&name, false);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// SIGKILL: the crash case.
+    pub fn kill(&mut self, i: usize) {
+        match self.running[i].take() {
+            Some(Running::Child(mut child)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Some(Running::Container(name)) => {
+                if let Some(d) = &self.docker {
+                    d.stop(&name, true);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Cuts (or restores) the links of nodes `which`.
+    pub fn set_links(&self, which: &[usize], up: bool) -> anyhow::Result<()> {
+        match (&self.lab, &self.docker) {
+            (Some(lab), _) => which.iter().try_for_each(|&i| lab.set_link(i, up)),
+            (_, Some(docker)) => which.iter().try_for_each(|&i| docker.set_wan(i, up)),
+            _ => bail!("the process backend cannot cut links (use netns or docker)"),
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        for i in 0..self.running.len() {
+            self.kill(i);
+        }
+        // The lab and the compose project go with their own drops.
+    }
+}
+
+/// Where the host's work directory is mounted in every container.
+const CONTAINER_WORKDIR: &str = "/work";
+
+/// The containers of one run: a compose project of networks, and one container per node.
+#[derive(Debug)]
+struct Docker {
+    project: String,
+    image: String,
+    compose_file: PathBuf,
+    workdir: PathBuf,
+    hosts: Vec<Host>,
+    sites: Vec<String>,
+    /// 10.<net>.0.0/16 is this run's address block.
+    net: u8,
+    /// `docker logs -f` of each running container, copying its output to the node's log.
+    followers: std::sync::Mutex<std::collections::HashMap<String, Child>>,
+}
+
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .context("running docker")?;
+    if !out.status.success() {
+        bail!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+impl Docker {
+    fn prepare(binary: &Path, workdir: &Path, tag: &str, hosts: &[Host]) -> anyhow::Result<Self> {
+        let image = build_image(binary, workdir)?;
+        let project = format!("imiswarm-{}-{tag}", std::process::id());
+        let mut sites: Vec<String> = hosts.iter().map(|h| h.site.clone()).collect();
+        sites.sort();
+        sites.dedup();
+        if sites.len() > 200 || hosts.len() > 200 {
+            bail!("the docker backend takes at most 200 sites and 200 nodes");
+        }
+        let net = 100 + (std::process::id() % 100) as u8;
+        let mut compose = String::from("version: \"2.4\"\nnetworks:\n");
+        compose.push_str(&format!(
+            "  wan:\n    ipam:\n      config:\n        - subnet: 10.{net}.0.0/24\n"
+        ));
+        for (k, site) in sites.iter().enumerate() {
+            compose.push_str(&format!(
+                "  site-{site}:\n    ipam:\n      config:\n        - subnet: 10.{net}.{}.0/24\n",
+                k + 1
+            ));
+        }
+        // One placeholder service keeps `up` creating the networks; nodes are started with
+        // `docker run` on them (their command differs per start: a new version, a restart).
+        let mut networks = vec!["wan".to_owned()];
+        networks.extend(sites.iter().map(|s| format!("site-{s}")));
+        compose.push_str(&format!(
+            "services:\n  networks-holder:\n    image: {image}\n    command: [\"--version\"]\n    networks: [{}]\n",
+            networks.join(", ")
+        ));
+        let compose_file = workdir.join("docker-compose.yml");
+        std::fs::write(&compose_file, compose)?;
+        let d = Self {
+            project,
+            image,
+            compose_file,
+            workdir: workdir.to_owned(),
+            hosts: hosts.to_vec(),
+            sites,
+            net,
+            followers: Default::default(),
+        };
+        d.compose(&["up", "-d"])?;
+        Ok(d)
+    }
+
+    fn compose(&self, args: &[&str]) -> anyhow::Result<()> {
+        let file = self.compose_file.display().to_string();
+        let mut full = vec!["-p", self.project.as_str(), "-f", file.as_str()];
+        full.extend_from_slice(args);
+        let out = Command::new("docker-compose")
+            .args(&full)
+            .output()
+            .context("running docker-compose")?;
+        if !out.status.success() {
+            bail!(
+                "docker-compose {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn network(&self, name: &str) -> String {
+        // docker-compose names a project's networks <project>_<name>.
+        format!("{}_{name}", self.project)
+    }
+
+    fn wan_ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.net, 0, 10 + i as u8)
+    }
+
+    fn site_ip(&self, i: usize) -> Ipv4Addr {
+        let k = self
+            .sites
+            .iter()
+            .position(|s| *s == self.hosts[i].site)
+            .unwrap_or(0);
+        Ipv4Addr::new(10, self.net, k as u8 + 1, 10 + i as u8)
+    }
+
+    fn container(&self, i: usize) -> String {
+        format!("{}-{}", self.project, self.hosts[i].name)
+    }
+
+    fn run(&mut self, i: usize, args: &[String], log: &Path) -> anyhow::Result<String> {
+        let name = self.container(i);
+        let _ = docker(&["rm", "-f", &name]);
+        let mount = format!("{}:{CONTAINER_WORKDIR}", self.workdir.display());
+        let wan = self.network("wan");
+        let ip = self.wan_ip(i).to_string();
+        let mut run_args: Vec<String> = [
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &wan,
+            "--ip",
+            &ip,
+            "-v",
+            &mount,
+            "-e",
+            "IMISWARM_LOG=info",
+            &self.image,
+            "--log-format",
+            "json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        run_args.extend(args.iter().cloned());
+        let refs: Vec<&str> = run_args.iter().map(String::as_str).collect();
+        // Created on the WAN, then joined to its site's network before it has sent anything
+        // that matters (it listens on every interface).
+        docker(&refs)?;
+        let site = self.network(&format!("site-{}", self.hosts[i].site));
+        docker(&[
+            "network",
+            "connect",
+            "--ip",
+            &self.site_ip(i).to_string(),
+            &site,
+            &name,
+        ])?;
+        let file = std::fs::File::create(log)?;
+        let follower = Command::new("docker")
+            .args(["logs", "-f", &name])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("following the container's log")?;
+        self.followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), follower);
+        Ok(name)
+    }
+
+    /// Stops (or kills) a container, once its log is fully copied.
+    fn stop(&self, name: &str, kill: bool) {
+        if kill {
+            let _ = docker(&["kill", name]);
+        } else {
+            let _ = docker(&["stop", "-t", "10", name]);
+        }
+        let follower = self
+            .followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(mut follower) = follower {
+            // `logs -f` ends with the container; bounded in case it does not.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = follower.try_wait() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = follower.kill();
+            let _ = follower.wait();
+        }
+        let _ = docker(&["rm", "-f", name]);
+    }
+
+    fn set_wan(&self, i: usize, up: bool) -> anyhow::Result<()> {
+        let wan = self.network("wan");
+        let name = self.container(i);
+        if up {
+            docker(&[
+                "network",
+                "connect",
+                "--ip",
+                &self.wan_ip(i).to_string(),
+                &wan,
+                &name,
+            ])
+            .map(drop)
+        } else {
+            docker(&["network", "disconnect", &wan, &name]).map(drop)
+        }
+    }
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        for (_, mut follower) in self
+            .followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            let _ = follower.kill();
+            let _ = follower.wait();
+        }
+        for i in 0..self.hosts.len() {
+            let _ = docker(&["rm", "-f", &self.container(i)]);
+        }
+        let _ = self.compose(&["down", "--remove-orphans"]);
+    }
+}
+
+/// Builds (once per binary) an image FROM scratch holding `binary` and the shared libraries it
+/// links, as `ldd` lists them: no image can be pulled, and none needs to be.
+fn build_image(binary: &Path, workdir: &Path) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(binary)?;
+    let stamp = format!(
+        "{}-{}",
+        meta.len(),
+        meta.modified()?
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    let tag = format!(
+        "imiswarm-testnet:{}",
+        &blake3::hash(stamp.as_bytes()).to_hex()[..16]
+    );
+    if docker(&["image", "inspect", &tag]).is_ok() {
+        return Ok(tag);
+    }
+    // Images of earlier builds of the binary are of no further use.
+    if let Ok(old) = docker(&[
+        "images",
+        "imiswarm-testnet",
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+    ]) {
+        for image in old.lines().filter(|i| *i != tag) {
+            let _ = docker(&["rmi", image]);
+        }
+    }
+    let ctx = workdir.join("docker-context");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::copy(binary, ctx.join("imiswarm-testnet"))?;
+    let ldd = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("running ldd")?;
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(path) = path {
+            let dest = ctx.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(dest.parent().context("library path")?)?;
+            std::fs::copy(path, &dest).with_context(|| format!("copying {path}"))?;
+            libs.push(path.to_owned());
+        }
+    }
+    let mut dockerfile = String::from("FROM scratch\n");
+    for lib in &libs {
+        dockerfile.push_str(&format!("COPY {} {lib}\n", lib.trim_start_matches('/')));
+    }
+    dockerfile.push_str(
+        "COPY imiswarm-testnet /imiswarm-testnet\nENTRYPOINT [\"/imiswarm-testnet\", \"node\"]\n",
+    );
+    std::fs::write(ctx.join("Dockerfile"), dockerfile)?;
+    let context = ctx.display().to_string();
+    docker(&["build", "-q", "-t", &tag, &context])?;
+    std::fs::remove_dir_all(&ctx)?;
+    Ok(tag)
+}
