@@ -192,7 +192,7 @@ impl Member {
 /// nodes that connect later read it from the catalogue. The task ends with whether it was sent.
 pub fn spawn_gossip(net: NetHandle, bytes: Vec<u8>) -> tokio::task::JoinHandle<bool> {
     tokio::spawn(async move {
-        for _ in 0..600 {
+        for attempt in 0..650 {
             match net.publish(bytes.clone()).await {
                 Ok(()) => {
                     tracing::info!("announcement gossiped");
@@ -202,7 +202,10 @@ pub fn spawn_gossip(net: NetHandle, bytes: Vec<u8>) -> tokio::task::JoinHandle<b
                 Err(e) if e.to_string().contains("Duplicate") => return true,
                 Err(e) => tracing::debug!(error = %e, "gossip not delivered yet"),
             }
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            // A seed that has just started has no gossip peers for a moment: ask again soon
+            // at first (every publish waits on this), then once a second.
+            let pause = if attempt < 50 { 100 } else { 1000 };
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
         }
         false
     })

@@ -47,7 +47,9 @@ pub const BAN_FOR: Duration = Duration::from_secs(600);
 /// How often verified progress is made durable.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long a peer that could not serve a piece is not asked for it again.
-const RETRY_AFTER: Duration = Duration::from_secs(2);
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// How old a request must be before the endgame asks another peer for the same piece.
+const ENDGAME_MIN_AGE: Duration = Duration::from_millis(500);
 /// How often batched haves are sent and timeouts are checked.
 const TICK: Duration = Duration::from_millis(100);
 /// With nothing in flight for this long while pieces are missing, the site has stalled: every
@@ -212,6 +214,9 @@ pub async fn run(
         // A soft failure here is mostly the origin's "busy" while it super-seeds: the piece
         // appears at a peer within moments, and the origin serves it again after its first pass.
         retry_after: RETRY_AFTER,
+        // Remote peers only show what may cross (see the module docs), so a duplicate in the
+        // endgame no longer risks a WAN crossing for a piece the site has: duplicate sooner.
+        endgame_min_age: ENDGAME_MIN_AGE,
         ..SchedulerConfig::default()
     };
     let mut scheduler: Scheduler<PeerId> = Scheduler::new(total, config, u64::from_le_bytes(seed));
