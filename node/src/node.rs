@@ -128,6 +128,8 @@ struct ActiveDownload {
     image: String,
     version: u64,
     queried: HashSet<PeerId>,
+    /// Verified pieces at the last change, and when it changed.
+    last_progress: (u32, Instant),
 }
 
 enum Internal {
@@ -319,6 +321,7 @@ impl Node {
             self.registered = (holdings, Some(Instant::now()));
         }
 
+        self.requery_stalled();
         if !self.downloads.is_empty()
             && self.last_lookup.is_none_or(|t| t.elapsed() >= LOOKUP_EVERY)
         {
@@ -329,6 +332,35 @@ impl Node {
             }
         }
         self.enforce_retention();
+    }
+
+    /// A download that made no progress for a while asks every peer again what it holds: a
+    /// "have" lost on the way, or an answer from before a peer started, would otherwise leave
+    /// it waiting for pieces it believes nobody has.
+    fn requery_stalled(&mut self) {
+        let peers: Vec<PeerId> = self
+            .peers
+            .keys()
+            .filter(|p| !self.trackers.contains(p))
+            .copied()
+            .collect();
+        let mut stalled = Vec::new();
+        for (id, d) in &mut self.downloads {
+            let verified = d.progress.borrow().verified_pieces;
+            if verified != d.last_progress.0 {
+                d.last_progress = (verified, Instant::now());
+            } else if d.last_progress.1.elapsed() >= REQUERY_AFTER {
+                d.last_progress.1 = Instant::now();
+                d.queried.clear();
+                stalled.push(*id);
+            }
+        }
+        for id in stalled {
+            tracing::debug!(manifest = %id, "no progress: asking every peer again");
+            for &peer in &peers {
+                self.query_availability(id, peer);
+            }
+        }
     }
 
     fn register_with(&self, tracker: PeerId, holdings: Vec<Holding>) {
@@ -835,6 +867,7 @@ impl Node {
                 image: a.image,
                 version: a.version,
                 queried: HashSet::new(),
+                last_progress: (0, Instant::now()),
             },
         );
         let peers: Vec<PeerId> = self
@@ -975,6 +1008,8 @@ const TICK: Duration = Duration::from_secs(1);
 const REGISTER_EVERY: Duration = Duration::from_secs(30);
 /// Progress reaches the trackers at most this often.
 const REGISTER_MIN_GAP: Duration = Duration::from_secs(2);
+/// A download without progress for this long asks every peer again what it holds.
+const REQUERY_AFTER: Duration = Duration::from_secs(2);
 /// How often active downloads look for more holders (trackers, then the DHT).
 const LOOKUP_EVERY: Duration = Duration::from_secs(5);
 

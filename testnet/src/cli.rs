@@ -33,18 +33,12 @@ pub fn load(name_or_path: &str) -> anyhow::Result<Scenario> {
     }
 }
 
+/// Where a run works and what it writes, for `run` and `bench` alike.
 #[derive(Debug, Clone, clap::Args)]
-pub struct RunArgs {
-    /// A scenario file, or a shipped scenario's name.
-    pub scenario: String,
-    #[arg(long, value_enum, default_value = "process")]
-    pub backend: BackendKind,
+pub struct OutputArgs {
     /// Keep everything of the run here (default: a temporary directory, removed).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
-    /// Override the image size, e.g. 4MiB.
-    #[arg(long)]
-    pub size: Option<String>,
     /// Skip the central HTTP server baseline.
     #[arg(long)]
     pub no_baseline: bool,
@@ -56,15 +50,27 @@ pub struct RunArgs {
     pub svg: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// A scenario file, or a shipped scenario's name.
+    pub scenario: String,
+    #[arg(long, value_enum, default_value = "process")]
+    pub backend: BackendKind,
+    /// Override the image size, e.g. 4MiB.
+    #[arg(long)]
+    pub size: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
 fn execute(
     scenario: &Scenario,
     backend: BackendKind,
-    workdir: Option<PathBuf>,
     size: Option<u64>,
-    baseline: bool,
+    output: &OutputArgs,
 ) -> anyhow::Result<Vec<Report>> {
     let tmp;
-    let workdir = match workdir {
+    let workdir = match output.workdir.clone() {
         Some(w) => w,
         None => {
             tmp = tempfile::tempdir()?;
@@ -76,21 +82,21 @@ fn execute(
         workdir,
         binary: std::env::current_exe().context("locating this program")?,
         size,
-        http_baseline: baseline,
+        http_baseline: !output.no_baseline,
         progress: true,
     };
     crate::runner::run(scenario, &opts)
 }
 
-fn save(reports: &[Report], json: Option<&PathBuf>, svg: Option<&PathBuf>) -> anyhow::Result<()> {
+fn save(reports: &[Report], output: &OutputArgs) -> anyhow::Result<()> {
     for r in reports {
         println!("{}", r.table());
     }
-    if let Some(path) = json {
+    if let Some(path) = &output.json {
         std::fs::write(path, serde_json::to_string_pretty(reports)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    if let (Some(path), Some(last)) = (svg, reports.last()) {
+    if let (Some(path), Some(last)) = (&output.svg, reports.last()) {
         std::fs::write(path, last.svg()).with_context(|| format!("writing {}", path.display()))?;
     }
     if reports.iter().any(|r| !r.all_correct) {
@@ -106,14 +112,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(crate::scenario::parse_size)
         .transpose()?;
-    let reports = execute(
-        &scenario,
-        args.backend,
-        args.workdir.clone(),
-        size,
-        !args.no_baseline,
-    )?;
-    save(&reports, args.json.as_ref(), args.svg.as_ref())
+    let reports = execute(&scenario, args.backend, size, &args.output)?;
+    save(&reports, &args.output)
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -129,14 +129,8 @@ pub struct BenchArgs {
     pub latency_ms: f64,
     #[arg(long, value_enum, default_value = "netns")]
     pub backend: BackendKind,
-    #[arg(long)]
-    pub workdir: Option<PathBuf>,
-    #[arg(long)]
-    pub no_baseline: bool,
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// The benchmark's scenario: a tracker, the origin and `receivers` cache servers at one site,
@@ -190,13 +184,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         );
         backend = BackendKind::Process;
     }
-    let reports = execute(
-        &scenario,
-        backend,
-        args.workdir.clone(),
-        None,
-        !args.no_baseline,
-    )?;
+    let reports = execute(&scenario, backend, None, &args.output)?;
     if let Some(r) = reports.last() {
         println!(
             "distribution benchmark: {} receivers, {}, {} links, {} ms, {:?} backend",
@@ -212,5 +200,5 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
-    save(&reports, args.json.as_ref(), args.svg.as_ref())
+    save(&reports, &args.output)
 }

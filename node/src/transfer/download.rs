@@ -50,6 +50,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// How old a request must be before the endgame asks another peer for the same piece.
 const ENDGAME_MIN_AGE: Duration = Duration::from_millis(500);
+/// Longest wait for the next header or piece bytes on a piece stream.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often batched haves are sent and timeouts are checked.
 const TICK: Duration = Duration::from_millis(100);
 /// With nothing in flight for this long while pieces are missing, the site has stalled: every
@@ -490,6 +492,14 @@ fn flush_haves(
     }
 }
 
+/// A peer that stops sending mid-span (a stuck connection) fails the span instead of holding
+/// its pieces forever.
+async fn timeout<T>(read: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+    tokio::time::timeout(READ_TIMEOUT, read)
+        .await
+        .map_err(|_| Failure::Soft("the peer stopped sending".into()))
+}
+
 /// Fetches one span over one piece stream and reports every piece's fate.
 async fn fetch_span(
     ctx: DownloadContext,
@@ -548,7 +558,7 @@ async fn fetch_span_inner(
     )
     .await
     .map_err(soft)?;
-    let header: PieceResponseHeader = read_header(&mut stream).await.map_err(|e| {
+    let header: PieceResponseHeader = timeout(read_header(&mut stream)).await?.map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidData {
             Failure::Bad(e.to_string())
         } else {
@@ -567,7 +577,7 @@ async fn fetch_span_inner(
         ));
     }
     for expected in header.first..header.first + header.count {
-        let frame: PieceFrame = read_header(&mut stream).await.map_err(soft)?;
+        let frame: PieceFrame = timeout(read_header(&mut stream)).await?.map_err(soft)?;
         let len = partial
             .layout()
             .locate(expected)
@@ -580,7 +590,9 @@ async fn fetch_span_inner(
             )));
         }
         let mut bytes = vec![0u8; frame.len as usize];
-        stream.read_exact(&mut bytes).await.map_err(soft)?;
+        timeout(stream.read_exact(&mut bytes))
+            .await?
+            .map_err(soft)?;
         ctx.limiter.take(bytes.len()).await;
         ctx.stats
             .received_bytes

@@ -118,7 +118,12 @@ pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 
 impl Swarm {
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        // For a post-mortem of a failed run: keep every process's log and repository.
+        if std::env::var_os("IMISWARM_KEEP_TEST_DIRS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("test directory kept: {}", dir.path().display());
+        }
         let out = Command::new(bin())
             .args(["keygen", "--out"])
             .arg(dir.path().join("publisher.key"))
