@@ -115,6 +115,10 @@ impl Member {
             library: library.clone(),
             limiter: Arc::new(RateLimiter::new(config.download_rate)),
             stats: download_stats.clone(),
+            site_settle: match role {
+                Role::Fetch => crate::transfer::download::WORKSTATION_SITE_SETTLE,
+                _ => crate::transfer::download::SITE_SETTLE,
+            },
         };
         let (finished_tx, finished) = mpsc::channel(16);
         let mut node = Node::new(

@@ -58,8 +58,12 @@ const TICK: Duration = Duration::from_millis(100);
 /// piece may then come from other sites or the origin.
 pub const SITE_PATIENCE: Duration = Duration::from_secs(3);
 /// How long a new download waits for its site's peers to say what they hold before it asks
-/// other sites or the origin for anything.
-const SITE_SETTLE: Duration = Duration::from_millis(200);
+/// other sites or the origin for anything (it stops waiting as soon as a same-site peer holds
+/// everything). A cache server mostly fetches from other sites: it waits little.
+pub const SITE_SETTLE: Duration = Duration::from_millis(200);
+/// A booting workstation's cache server is usually at its site and already holds the version,
+/// but the workstation may still be connecting to it: it waits longer before asking the origin.
+pub const WORKSTATION_SITE_SETTLE: Duration = Duration::from_secs(1);
 /// This many "busy" answers from same-site peers within [`SITE_PATIENCE`] mean they are
 /// saturated: every piece may then come from other sites too.
 const SITE_SATURATED_BUSY: usize = 16;
@@ -151,6 +155,8 @@ pub struct DownloadContext {
     pub library: Arc<Library>,
     pub limiter: Arc<RateLimiter>,
     pub stats: Arc<DownloadStats>,
+    /// How long a new download waits to hear from its site (see [`SITE_SETTLE`]).
+    pub site_settle: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +283,7 @@ pub async fn run(
         });
     };
     // The split of crossing changed: show every remote peer anew.
-    // Until the site has answered (or SITE_SETTLE passed), remote peers show nothing: a first
+    // Until the site has answered (or `site_settle` passed), remote peers show nothing: a first
     // round of requests sent across before the site's holdings are known would cross for
     // nothing.
     let started = tokio::time::Instant::now();
@@ -428,7 +434,7 @@ pub async fn run(
                         "the site stalled: fetching any piece from other sites"
                     );
                 }
-                let settling = !settled && started.elapsed() >= SITE_SETTLE;
+                let settling = !settled && started.elapsed() >= ctx.site_settle;
                 settled |= settling;
                 if settled && (crossing.take_changed() || settling) {
                     remask(&mut scheduler, &remote, &crossing, settled);
