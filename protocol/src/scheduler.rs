@@ -844,6 +844,13 @@ impl<P: Copy + Eq + std::hash::Hash + Ord + std::fmt::Debug> Scheduler<P> {
         let limit = state.pipeline.unwrap_or(self.config.pipeline_per_peer);
         let mut room = limit.saturating_sub(state.in_flight.len() as u32);
         let max_span = self.config.max_span.max(1);
+        // A peer still busy with requests gets more only once a whole span fits (or half its
+        // pipeline, if that is less: the other half keeps it busy meanwhile). Refilled piece
+        // by piece as each arrives, every request would hold one piece.
+        let refill_at = max_span.min(limit / 2).max(1);
+        if !state.in_flight.is_empty() && room < refill_at && !self.pending.is_empty() {
+            return;
+        }
         let mut walk = Walk::default();
         while room > 0 {
             let Some(state) = self.peers.get(&peer) else {
@@ -858,7 +865,7 @@ impl<P: Copy + Eq + std::hash::Hash + Ord + std::fmt::Debug> Scheduler<P> {
             } else {
                 key.piece
             };
-            let count = self.take_span(peer, first, room.min(max_span), now);
+            let (first, count) = self.take_span(peer, first, room.min(max_span), now);
             out.push(Request { peer, first, count });
             room -= count;
         }
@@ -989,32 +996,49 @@ impl<P: Copy + Eq + std::hash::Hash + Ord + std::fmt::Debug> Scheduler<P> {
         None
     }
 
-    /// Requests `first` and the adjacent pieces that can join it, up to `limit`; returns the
-    /// count.
-    fn take_span(&mut self, peer: P, first: PieceIndex, limit: u32, now: Instant) -> u32 {
-        let priority = self.pieces[first as usize].priority;
-        self.remove_pending(first);
-        self.add_copy(peer, first, now);
-        let mut count = 1;
-        while count < limit {
-            let Some(next) = first.checked_add(count).filter(|&n| n < self.piece_count) else {
-                break;
-            };
-            let p = &self.pieces[next as usize];
-            let joins = p.pending
+    /// Takes `piece` and the pending pieces next to it that `peer` holds at the same priority,
+    /// within `piece`'s aligned group of `max_span` pieces and at most `limit` of them: the
+    /// span `(first, count)` of one request.
+    ///
+    /// Why groups: rarest-first picks pieces scattered over the version, and a span that only
+    /// grows forward from its pick then holds one piece almost always; every request is a
+    /// stream with its own setup, which at 64 KiB pieces cost more than the bytes. Taking the
+    /// whole group around the pick keeps what peers hold group-shaped, so later spans are whole
+    /// groups too (BitTorrent's blocks of a piece, one level up).
+    fn take_span(
+        &mut self,
+        peer: P,
+        piece: PieceIndex,
+        limit: u32,
+        now: Instant,
+    ) -> (PieceIndex, u32) {
+        let priority = self.pieces[piece as usize].priority;
+        let group = self.config.max_span.max(1);
+        let group_start = piece - piece % group;
+        let group_end = group_start.saturating_add(group).min(self.piece_count);
+        let joins = |this: &Self, index: PieceIndex| {
+            let p = &this.pieces[index as usize];
+            p.pending
                 && p.priority == priority
-                && self
+                && this
                     .peers
                     .get(&peer)
-                    .is_some_and(|s| s.has.get(next) && !s.backoff.contains_key(&next));
-            if !joins {
-                break;
-            }
-            self.remove_pending(next);
-            self.add_copy(peer, next, now);
-            count += 1;
+                    .is_some_and(|s| s.has.get(index) && !s.backoff.contains_key(&index))
+        };
+        let limit = limit.max(1);
+        let mut first = piece;
+        while first > group_start && piece - first + 1 < limit && joins(self, first - 1) {
+            first -= 1;
         }
-        count
+        let mut end = piece + 1;
+        while end < group_end && end - first < limit && joins(self, end) {
+            end += 1;
+        }
+        for index in first..end {
+            self.remove_pending(index);
+            self.add_copy(peer, index, now);
+        }
+        (first, end - first)
     }
 
     /// Endgame: duplicates of in-flight pieces for a peer with free pipeline, most urgent
@@ -1376,9 +1400,46 @@ mod tests {
         };
         assert_eq!(
             s.next_requests(Instant::now()),
-            vec![span(0, 4), span(4, 1), span(6, 4), span(10, 1)],
-            "spans stop at max_span, at a gap, and at the pipeline's end"
+            vec![span(0, 4), span(4, 1), span(6, 2), span(8, 3)],
+            "spans stop at their aligned group's end, at a gap, and at the pipeline's end"
         );
+    }
+
+    #[test]
+    fn a_pick_inside_a_group_takes_the_group_around_it() {
+        let n = 32;
+        let config = SchedulerConfig {
+            max_span: 8,
+            pipeline_per_peer: 8,
+            random_first: 0,
+            ..config()
+        };
+        let mut s = Scheduler::new(n, config, 4);
+        s.want_all(Priority::Normal);
+        // Piece 13 is the rarest (only A has it), so A, asked first (same site), is asked for
+        // it first; the rest of its group (8..16) is as common as anything else and joins it,
+        // before and after the pick.
+        add(&mut s, A, Locality::SameSite, &bits(n, 0..n));
+        add(
+            &mut s,
+            B,
+            Locality::OtherSite,
+            &bits(n, (0..n).filter(|&i| i != 13)),
+        );
+        let reqs = s.next_requests(Instant::now());
+        let at_a: Vec<_> = reqs.iter().filter(|r| r.peer == A).collect();
+        assert_eq!(
+            at_a.first().map(|r| (r.first, r.count)),
+            Some((8, 8)),
+            "{reqs:?}"
+        );
+        for r in &reqs {
+            assert_eq!(
+                r.first / 8,
+                (r.first + r.count - 1) / 8,
+                "no span crosses a group boundary: {r:?}"
+            );
+        }
     }
 
     #[test]

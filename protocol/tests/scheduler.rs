@@ -320,10 +320,16 @@ impl Sim {
         }
     }
 
-    /// Work conservation: a peer left with free pipeline has no pending piece it could serve.
+    /// Work conservation: a peer with nothing in flight, or with room for a refill (a whole
+    /// span, or half its pipeline if less), has no pending piece it could serve. Less room
+    /// than that waits for more to free up, so that requests carry spans, not single pieces.
     fn check_pipelines_filled(&self) {
         for &peer in self.peers.keys() {
-            if (self.in_flight_at(peer).len() as u32) < self.limit(peer) {
+            let in_flight = self.in_flight_at(peer).len() as u32;
+            let limit = self.limit(peer);
+            let refill_at = self.cfg.max_span.max(1).min(limit / 2).max(1);
+            let room = limit.saturating_sub(in_flight);
+            if in_flight == 0 || (room > 0 && room >= refill_at) {
                 let servable = self
                     .pending
                     .values()
