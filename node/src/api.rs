@@ -58,6 +58,9 @@ pub struct VersionReport {
 #[derive(Debug, Serialize)]
 pub struct Totals {
     pub uploaded_bytes: u64,
+    pub uploaded_pieces: u64,
+    /// Piece requests (spans) served: pieces per request says how well requests coalesce.
+    pub served_requests: u64,
     pub received_bytes: u64,
     pub reused_bytes: u64,
     pub bad_pieces: u64,
@@ -133,6 +136,8 @@ impl ApiState {
             node,
             totals: Totals {
                 uploaded_bytes: self.upload.bytes.load(Ordering::Relaxed),
+                uploaded_pieces: self.upload.pieces.load(Ordering::Relaxed),
+                served_requests: self.upload.spans.load(Ordering::Relaxed),
                 received_bytes: self.download.received_bytes.load(Ordering::Relaxed),
                 reused_bytes: self.download.reused_bytes.load(Ordering::Relaxed),
                 bad_pieces: self.download.bad_pieces.load(Ordering::Relaxed),
@@ -164,6 +169,18 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
         "counter",
         "Piece bytes sent to peers.",
         &one(r.totals.uploaded_bytes),
+    );
+    metric(
+        "uploaded_pieces_total",
+        "counter",
+        "Pieces sent to peers.",
+        &one(r.totals.uploaded_pieces),
+    );
+    metric(
+        "served_requests_total",
+        "counter",
+        "Piece requests (spans of adjacent pieces) served, in part or whole.",
+        &one(r.totals.served_requests),
     );
     metric(
         "received_bytes_total",

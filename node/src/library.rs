@@ -34,6 +34,23 @@ impl Held {
         }
     }
 
+    /// Appends `piece` to `out`.
+    pub fn read_piece_into(&self, piece: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            Self::Complete(c) => c.read_piece_into(piece, out),
+            Self::Partial(p) => p.read_piece_into(piece, out),
+        }
+    }
+
+    /// The length of `piece` in bytes, if the version has such a piece.
+    pub fn piece_len(&self, piece: PieceIndex) -> Option<u32> {
+        let layout = match self {
+            Self::Complete(c) => c.layout(),
+            Self::Partial(p) => p.layout(),
+        };
+        layout.locate(piece).map(|l| l.len)
+    }
+
     pub fn bitfield(&self) -> Bitfield {
         match self {
             Self::Complete(c) => Bitfield::full(c.layout().piece_count()),

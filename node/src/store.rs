@@ -153,18 +153,24 @@ fn open_files(dir: &Path, manifest: &Manifest, write: bool) -> Result<Vec<File>,
 }
 
 /// Reads piece `index` of `manifest` from `files` into a new buffer.
-fn read_from(
+/// Appends piece `index` to `out` (a piece is sent right after its frame header, so the
+/// uploader reads it into the buffer that already holds the header: one write, no copy).
+fn read_into(
     files: &[File],
     manifest: &Manifest,
     layout: &Layout,
     index: PieceIndex,
-) -> Result<Vec<u8>, StoreError> {
+    out: &mut Vec<u8>,
+) -> Result<(), StoreError> {
     let loc = layout.locate(index).ok_or(StoreError::NoSuchPiece(index))?;
-    let mut buf = vec![0u8; loc.len as usize];
-    files[loc.file]
-        .read_exact_at(&mut buf, loc.offset)
-        .map_err(io(Path::new(&manifest.files[loc.file].path)))?;
-    Ok(buf)
+    let start = out.len();
+    out.resize(start + loc.len as usize, 0);
+    let read = files[loc.file].read_exact_at(&mut out[start..], loc.offset);
+    if let Err(e) = read {
+        out.truncate(start);
+        return Err(io(Path::new(&manifest.files[loc.file].path))(e));
+    }
+    Ok(())
 }
 
 /// A version held whole, served read-only.
@@ -195,7 +201,14 @@ impl CompleteVersion {
     }
 
     pub fn read_piece(&self, index: PieceIndex) -> Result<Vec<u8>, StoreError> {
-        read_from(&self.files, &self.manifest, &self.layout, index)
+        let mut out = Vec::new();
+        self.read_piece_into(index, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends piece `index` to `out`.
+    pub fn read_piece_into(&self, index: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        read_into(&self.files, &self.manifest, &self.layout, index, out)
     }
 
     pub fn layout(&self) -> &Layout {
@@ -214,6 +227,9 @@ pub struct PartialVersion {
     layout: Layout,
     files: Vec<File>,
     state: Mutex<PartialState>,
+    /// Held for a whole checkpoint: the download runs them in the background, and the node
+    /// makes one more on shutdown; two at once would race on the progress file.
+    checkpointing: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -274,6 +290,7 @@ impl PartialVersion {
                 verified,
                 unsynced: 0,
             }),
+            checkpointing: Mutex::new(()),
         })
     }
 
@@ -342,14 +359,22 @@ impl PartialVersion {
 
     /// Reads a verified piece (for serving it to others while downloading).
     pub fn read_piece(&self, index: PieceIndex) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        self.read_piece_into(index, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends verified piece `index` to `out`.
+    pub fn read_piece_into(&self, index: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
         if !self.is_verified(index) {
             return Err(StoreError::NotHeld(index));
         }
-        read_from(&self.files, &self.manifest, &self.layout, index)
+        read_into(&self.files, &self.manifest, &self.layout, index, out)
     }
 
     /// Makes the verified set durable: sync data, then atomically replace the progress file.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
         let verified = {
             let s = self.state();
             if s.unsynced == 0 && self.paths.progress.exists() {

@@ -32,6 +32,8 @@ fn report_totals(running: &Running, site: &str) {
         .sum();
     tracing::info!(
         uploaded_bytes = running.upload_stats.bytes.load(Ordering::Relaxed),
+        uploaded_pieces = running.upload_stats.pieces.load(Ordering::Relaxed),
+        served_requests = running.upload_stats.spans.load(Ordering::Relaxed),
         received_bytes = running
             .download_stats
             .received_bytes

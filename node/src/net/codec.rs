@@ -92,17 +92,26 @@ impl libp2p::request_response::Codec for ControlCodec {
     }
 }
 
-/// Writes one length-prefixed header of a piece stream.
-pub async fn write_header<T: WireFormat, W: AsyncWrite + Unpin>(
-    io: &mut W,
-    header: &T,
-) -> io::Result<()> {
+/// Appends one length-prefixed header of a piece stream to `out`.
+pub fn encode_header<T: WireFormat>(header: &T, out: &mut Vec<u8>) -> io::Result<()> {
     let bytes = header
         .encode()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let len =
         u16::try_from(bytes.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    io.write_all(&len.to_be_bytes()).await?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&bytes);
+    Ok(())
+}
+
+/// Writes one length-prefixed header of a piece stream, in one write: every write on a
+/// stream becomes a multiplexer frame, an encrypted transport frame and a TCP segment.
+pub async fn write_header<T: WireFormat, W: AsyncWrite + Unpin>(
+    io: &mut W,
+    header: &T,
+) -> io::Result<()> {
+    let mut bytes = Vec::new();
+    encode_header(header, &mut bytes)?;
     io.write_all(&bytes).await
 }
 

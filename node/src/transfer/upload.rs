@@ -2,7 +2,8 @@
 //!
 //! A fixed number of upload slots (a semaphore) bounds concurrent uploads; a stream that finds
 //! no free slot is answered "busy" at once so the requester asks elsewhere. Pieces are read with
-//! positioned reads, one at a time, and pass the node's upload rate limiter; an image is never in
+//! positioned reads, a few at a time ([`READ_BATCH_BYTES`]), each already behind its frame header
+//! so it leaves in one write, and pass the node's upload rate limiter; an image is never in
 //! memory. For a version this node published, the super-seeding policy decides which pieces
 //! leave. Not here: deciding what to download, or the swarm itself.
 
@@ -20,17 +21,22 @@ use tokio::sync::Semaphore;
 
 use crate::library::{Held, Library};
 use crate::net::PIECES;
-use crate::net::codec::{read_header, write_header};
+use crate::net::codec::{encode_header, read_header, write_header};
 use crate::transfer::ratelimit::RateLimiter;
 
 /// How long a requester may take to send its request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// Most piece bytes read per trip to the blocking pool (at least one piece): a span of small
+/// pieces costs one hand-off, not one per piece, and a slot holds at most this much.
+const READ_BATCH_BYTES: u64 = 512 * 1024;
 
 /// Counters the status API and metrics read.
 #[derive(Debug, Default)]
 pub struct UploadStats {
     pub bytes: AtomicU64,
     pub pieces: AtomicU64,
+    /// Requests served (with at least one piece).
+    pub spans: AtomicU64,
     pub busy: AtomicU64,
 }
 
@@ -87,10 +93,15 @@ impl Uploader {
         if status == PieceStatus::Ok
             && let Some(held) = self.library.get(&req.manifest_id)
         {
-            for index in req.first..req.first + count {
-                if let Err(e) = self.send_piece(&held, index, &mut stream).await {
+            self.stats.spans.fetch_add(1, Ordering::Relaxed);
+            let end = req.first + count;
+            let mut next = req.first;
+            while next < end {
+                let sent = self.send_batch(&held, next, end, &mut stream).await;
+                next += sent.as_ref().map_or_else(|(n, _)| *n, |n| *n);
+                if let Err((_, e)) = sent {
                     // Pieces not sent count as not sent for super-seeding.
-                    for unsent in index..req.first + count {
+                    for unsent in next..end {
                         self.library.aborted(&req.manifest_id, unsent);
                     }
                     return Err(e);
@@ -99,6 +110,34 @@ impl Uploader {
             tracing::trace!(%peer, first = req.first, count, "span served");
         }
         stream.close().await
+    }
+
+    /// Reads pieces from `first` on (up to [`READ_BATCH_BYTES`], before `end`) and sends them;
+    /// returns how many were sent, also on error.
+    async fn send_batch(
+        &self,
+        held: &Held,
+        first: u32,
+        end: u32,
+        stream: &mut libp2p::Stream,
+    ) -> Result<u32, (u32, std::io::Error)> {
+        let source = held.clone();
+        let corrupt = self.corrupt;
+        let frames = tokio::task::spawn_blocking(move || read_frames(&source, first, end, corrupt))
+            .await
+            .map_err(|e| (0, std::io::Error::other(e)))?
+            .map_err(|e| (0, e))?;
+        let mut sent = 0;
+        for (piece_len, frame) in frames {
+            self.limiter.take(piece_len).await;
+            stream.write_all(&frame).await.map_err(|e| (sent, e))?;
+            self.stats
+                .bytes
+                .fetch_add(piece_len as u64, Ordering::Relaxed);
+            self.stats.pieces.fetch_add(1, Ordering::Relaxed);
+            sent += 1;
+        }
+        Ok(sent)
     }
 
     /// How much of the requested span can be served: the held prefix, cut at the first piece
@@ -120,38 +159,42 @@ impl Uploader {
             n => (PieceStatus::Ok, n),
         }
     }
+}
 
-    async fn send_piece(
-        &self,
-        held: &Held,
-        index: u32,
-        stream: &mut libp2p::Stream,
-    ) -> std::io::Result<()> {
-        let source = held.clone();
-        let mut bytes = tokio::task::spawn_blocking(move || source.read_piece(index))
-            .await
-            .map_err(std::io::Error::other)?
-            .map_err(std::io::Error::other)?;
-        if self.corrupt
-            && let Some(b) = bytes.first_mut()
-        {
-            *b ^= 0xff;
+/// Reads pieces `first..end` until [`READ_BATCH_BYTES`] are read (at least one piece), each
+/// behind its frame header: `(piece length, frame)`. Blocking.
+fn read_frames(
+    held: &Held,
+    first: u32,
+    end: u32,
+    corrupt: bool,
+) -> std::io::Result<Vec<(usize, Vec<u8>)>> {
+    let mut frames = Vec::new();
+    let mut bytes = 0u64;
+    for index in first..end {
+        let len = held
+            .piece_len(index)
+            .ok_or_else(|| std::io::Error::other(format!("no piece {index}")))?;
+        if !frames.is_empty() && bytes + u64::from(len) > READ_BATCH_BYTES {
+            break;
         }
-        self.limiter.take(bytes.len()).await;
-        write_header(
-            stream,
+        let mut frame = Vec::with_capacity(len as usize + 32);
+        encode_header(
             &PieceFrame {
                 index,
                 encoding: PieceEncoding::Raw,
-                len: bytes.len() as u32,
+                len,
             },
-        )
-        .await?;
-        stream.write_all(&bytes).await?;
-        self.stats
-            .bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.stats.pieces.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+            &mut frame,
+        )?;
+        let header_len = frame.len();
+        held.read_piece_into(index, &mut frame)
+            .map_err(std::io::Error::other)?;
+        if corrupt && let Some(b) = frame.get_mut(header_len) {
+            *b ^= 0xff;
+        }
+        bytes += u64::from(len);
+        frames.push((len as usize, frame));
     }
+    Ok(frames)
 }
