@@ -712,7 +712,7 @@ impl Run<'_> {
             scenario: self.scenario_name.clone(),
             backend: self.backend.kind(),
             links_enforced_by: if self.backend.shapes_links() {
-                "the kernel (tc)".into()
+                format!("the kernel (tc), MTU {}", crate::netns::LAB_MTU)
             } else {
                 "the nodes' own rate limiters".into()
             },
