@@ -27,13 +27,6 @@ impl Held {
         }
     }
 
-    pub fn read_piece(&self, piece: PieceIndex) -> Result<Vec<u8>, StoreError> {
-        match self {
-            Self::Complete(c) => c.read_piece(piece),
-            Self::Partial(p) => p.read_piece(piece),
-        }
-    }
-
     /// Appends `piece` to `out`.
     pub fn read_piece_into(&self, piece: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
         match self {

@@ -357,14 +357,7 @@ impl PartialVersion {
         Ok(new)
     }
 
-    /// Reads a verified piece (for serving it to others while downloading).
-    pub fn read_piece(&self, index: PieceIndex) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::new();
-        self.read_piece_into(index, &mut out)?;
-        Ok(out)
-    }
-
-    /// Appends verified piece `index` to `out`.
+    /// Appends verified piece `index` to `out` (for serving it to others while downloading).
     pub fn read_piece_into(&self, index: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
         if !self.is_verified(index) {
             return Err(StoreError::NotHeld(index));
