@@ -393,10 +393,7 @@ impl Node {
                             && !known.contains(&peer)
                         {
                             dialled += 1;
-                            for addr in addrs {
-                                net.dial(addr.with(libp2p::multiaddr::Protocol::P2p(peer)))
-                                    .await;
-                            }
+                            net.dial_at(peer, addrs).await;
                         }
                     }
                 }
@@ -529,10 +526,7 @@ impl Node {
                     if let Some((id, addrs)) = crate::net::record_addrs(record)
                         && id != net.local_peer_id
                     {
-                        for addr in addrs {
-                            net.dial(addr.with(libp2p::multiaddr::Protocol::P2p(id)))
-                                .await;
-                        }
+                        net.dial_at(id, addrs).await;
                     }
                 }
             }

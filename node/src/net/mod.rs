@@ -25,6 +25,7 @@ use imiswarm_protocol::wire::{ControlRequest, ControlResponse, PeerRecord};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, allow_block_list, gossipsub, identify, identity, kad, mdns,
@@ -180,7 +181,11 @@ enum Command {
         channel: ResponseChannel<ControlResponse>,
         response: ControlResponse,
     },
-    Dial(Multiaddr),
+    /// Dial a known peer at these addresses (from peer exchange or a tracker).
+    DialAt {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
     /// Dial by peer id, at addresses a behaviour (Kademlia, mDNS) knows.
     DialPeer(PeerId),
     Ban {
@@ -265,8 +270,11 @@ impl NetHandle {
             .await;
     }
 
-    pub async fn dial(&self, addr: Multiaddr) {
-        let _ = self.commands.send(Command::Dial(addr)).await;
+    /// Dials `peer` at `addrs`, unless it is connected or being dialled already.
+    pub async fn dial_at(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if !addrs.is_empty() {
+            let _ = self.commands.send(Command::DialAt { peer, addrs }).await;
+        }
     }
 
     /// Dials a peer by id alone (found in the DHT, which knows its addresses).
@@ -419,7 +427,7 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
             })?;
     }
     for addr in &config.bootstrap {
-        if let Err(e) = swarm.dial(addr.clone()) {
+        if let Err(e) = swarm.dial(dial_opts(addr.clone())) {
             tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
         }
     }
@@ -522,7 +530,7 @@ impl SwarmTask {
                 _ => false,
             };
             if !connected {
-                let _ = self.swarm.dial(addr);
+                let _ = self.swarm.dial(dial_opts(addr));
             }
         }
     }
@@ -559,9 +567,13 @@ impl SwarmTask {
                     .control
                     .send_response(channel, response);
             }
-            Command::Dial(addr) => {
-                if let Err(e) = self.swarm.dial(addr.clone()) {
-                    tracing::debug!(%addr, error = %e, "dial failed");
+            Command::DialAt { peer, addrs } => {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::trace!(%peer, error = %e, "not dialled");
                 }
             }
             Command::DialPeer(peer) => {
@@ -671,11 +683,19 @@ impl SwarmTask {
             SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event).await,
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in found {
-                    if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) {
-                        tracing::debug!(%peer, %addr, "found on the local network");
-                        let _ = self.swarm.dial(addr.with(Protocol::P2p(peer)));
+                    if peer != *self.swarm.local_peer_id() {
+                        by_peer.entry(peer).or_default().push(addr);
                     }
+                }
+                for (peer, addrs) in by_peer {
+                    tracing::debug!(%peer, ?addrs, "found on the local network");
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    let _ = self.swarm.dial(opts);
                 }
             }
             _ => {}
@@ -850,6 +870,20 @@ impl SwarmTask {
             }
             Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+/// How to dial an address: once per peer when it names one. Peer exchange, trackers, mDNS
+/// and the bootstrap list name the same peers again and again, and a connection that is not
+/// needed costs a Noise handshake and a full set of protocol handlers polled for its life (a
+/// swarm of seventeen once held twenty connections per pair of peers).
+fn dial_opts(addr: Multiaddr) -> DialOpts {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => DialOpts::peer_id(peer)
+            .addresses(vec![addr])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build(),
+        _ => DialOpts::unknown_peer_id().address(addr).build(),
     }
 }
 
