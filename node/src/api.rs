@@ -40,6 +40,8 @@ pub struct PeerReport {
     pub peer: String,
     pub site: String,
     pub role: Role,
+    /// Established connections with the peer (two after a simultaneous dial).
+    pub connections: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,10 +99,11 @@ impl ApiState {
             .peers()
             .await
             .into_iter()
-            .map(|(peer, info)| PeerReport {
-                peer: peer.to_string(),
-                site: info.site,
-                role: info.role,
+            .map(|p| PeerReport {
+                peer: p.peer.to_string(),
+                site: p.info.site,
+                role: p.info.role,
+                connections: p.connections,
             })
             .collect();
         peers.sort_by(|a, b| a.peer.cmp(&b.peer));
@@ -229,6 +232,12 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
         "gauge",
         "Connected imiswarm peers.",
         &one(r.peers.len() as u64),
+    );
+    metric(
+        "peer_connections",
+        "gauge",
+        "Established connections with connected imiswarm peers.",
+        &one(r.peers.iter().map(|p| u64::from(p.connections)).sum()),
     );
     let label = |image: &str, version: u64| format!("{{image=\"{image}\",version=\"{version}\"}}");
     let versions = |f: fn(&VersionReport) -> u64| -> Vec<(String, u64)> {

@@ -1013,9 +1013,9 @@ async fn fetch_manifest(net: &NetHandle, signed: &SignedAnnouncement) -> Result<
     let a = &signed.announcement;
     for attempt in 0..30 {
         let mut peers = net.peers().await;
-        peers.retain(|(_, info)| info.role != Role::Tracker);
-        peers.sort_by_key(|(_, info)| info.role != Role::Seed);
-        for (peer, _) in peers {
+        peers.retain(|p| p.info.role != Role::Tracker);
+        peers.sort_by_key(|p| p.info.role != Role::Seed);
+        for peer in peers.into_iter().map(|p| p.peer) {
             let Ok(ControlResponse::Manifest { bytes }) = net
                 .request(
                     peer,

@@ -17,8 +17,15 @@ fn seed_five_daemons_and_a_fetch_converge() {
     let total = image_bytes(&files);
     assert!(total >= 64 * MIB as u64, "a 64 MiB version");
     let mut seed = swarm.seed(1, &[]);
+    let api = format!("127.0.0.1:{}", free_port());
     let mut daemons: Vec<Proc> = (1..=5)
-        .map(|i| swarm.daemon(&format!("d{i}"), &["--site", "lab-a"]))
+        .map(|i| {
+            let mut args = vec!["--site", "lab-a"];
+            if i == 1 {
+                args.extend(["--api", &api]);
+            }
+            swarm.daemon(&format!("d{i}"), &args)
+        })
         .collect();
     let (status, fetch) = swarm.fetch("ws", 300);
     assert!(status.success(), "fetch failed:\n{}", fetch.log_text());
@@ -31,6 +38,23 @@ fn seed_five_daemons_and_a_fetch_converge() {
             || dir.is_dir(),
         );
         assert_same_files(&dir, &files, &format!("d{i}"));
+    }
+    // Peer exchange, the DHT and the seed's bootstrap list all name the same peers: each pair
+    // still shares one connection (two after a simultaneous dial), never one per mention.
+    let out = Command::new(bin())
+        .args(["status", "--json", "--api", &api])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peers = report["peers"].as_array().unwrap();
+    assert!(peers.len() >= 2, "d1 knows the seed and its site: {report}");
+    for peer in peers {
+        let connections = peer["connections"].as_u64().unwrap();
+        assert!(
+            (1..=2).contains(&connections),
+            "{connections} connections with one peer: {report}"
+        );
     }
     for d in &mut daemons {
         d.stop();

@@ -73,6 +73,16 @@ pub struct PeerInfo {
     pub role: Role,
 }
 
+/// A connected, identified peer, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectedPeer {
+    pub peer: PeerId,
+    pub info: PeerInfo,
+    /// Established connections with it: one, or two after a simultaneous dial. More means the
+    /// node dials peers it is already connected to.
+    pub connections: u32,
+}
+
 fn agent_string(site: &str, role: Role) -> String {
     format!(
         "imiswarm/{} site={site} role={}",
@@ -193,7 +203,7 @@ enum Command {
         for_: Duration,
     },
     Peers {
-        reply: oneshot::Sender<Vec<(PeerId, PeerInfo)>>,
+        reply: oneshot::Sender<Vec<ConnectedPeer>>,
     },
     PeerRecords {
         reply: oneshot::Sender<Vec<PeerRecord>>,
@@ -288,7 +298,7 @@ impl NetHandle {
     }
 
     /// Connected and identified imiswarm peers.
-    pub async fn peers(&self) -> Vec<(PeerId, PeerInfo)> {
+    pub async fn peers(&self) -> Vec<ConnectedPeer> {
         self.call(|reply| Command::Peers { reply })
             .await
             .unwrap_or_default()
@@ -447,6 +457,7 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
         events: events_tx,
         pending: HashMap::new(),
         peers: HashMap::new(),
+        connections: HashMap::new(),
         listen_addrs: Vec::new(),
         bans: Vec::new(),
         listening: None,
@@ -476,6 +487,8 @@ struct SwarmTask {
         oneshot::Sender<Result<ControlResponse, NetError>>,
     >,
     peers: HashMap<PeerId, KnownPeer>,
+    /// Established connections per peer (identified or not).
+    connections: HashMap<PeerId, u32>,
     listen_addrs: Vec<Multiaddr>,
     bans: Vec<(Instant, PeerId)>,
     listening: Option<(usize, oneshot::Sender<()>)>,
@@ -590,7 +603,11 @@ impl SwarmTask {
                 let _ = reply.send(
                     self.peers
                         .iter()
-                        .map(|(p, k)| (*p, k.info.clone()))
+                        .map(|(p, k)| ConnectedPeer {
+                            peer: *p,
+                            info: k.info.clone(),
+                            connections: self.connections.get(p).copied().unwrap_or(0),
+                        })
                         .collect(),
                 );
             }
@@ -657,12 +674,26 @@ impl SwarmTask {
                     }
                 }
             }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                self.connections.insert(peer_id, num_established.get());
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                num_established,
                 ..
-            } if self.peers.remove(&peer_id).is_some() => {
-                self.emit(NetEvent::PeerGone { peer: peer_id }).await;
+            } => {
+                if num_established > 0 {
+                    self.connections.insert(peer_id, num_established);
+                } else {
+                    self.connections.remove(&peer_id);
+                    if self.peers.remove(&peer_id).is_some() {
+                        self.emit(NetEvent::PeerGone { peer: peer_id }).await;
+                    }
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
