@@ -16,6 +16,7 @@ use crate::net::{self, NetConfig, NetEvent, NetHandle, Role};
 use crate::node::{Finished, Mode, Node, NodeCommand};
 use crate::store::{CompleteVersion, PartialVersion, VersionPaths};
 use crate::transfer::download::{DownloadContext, DownloadStats};
+use crate::transfer::haves::{self, HaveSender};
 use crate::transfer::ratelimit::RateLimiter;
 use crate::transfer::upload::{UploadStats, Uploader};
 
@@ -112,6 +113,7 @@ impl Member {
         });
         let ctx = DownloadContext {
             net: net.clone(),
+            haves: HaveSender::new(net.clone()),
             library: library.clone(),
             limiter: Arc::new(RateLimiter::new(config.download_rate)),
             stats: download_stats.clone(),
@@ -128,6 +130,12 @@ impl Member {
             config.site.clone(),
             finished_tx,
         );
+        let (control, inbox) = (net.streams(), node.have_inbox());
+        tokio::spawn(async move {
+            if let Err(e) = haves::accept(control, inbox).await {
+                tracing::error!(error = %e, "haves stopped");
+            }
+        });
         if let Mode::Follow { repo, .. } = &mode {
             load_repo(repo, &library, &mut node, &trusted)?;
         }

@@ -19,7 +19,7 @@ use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::limits::MAX_CATALOGUE;
 use imiswarm_protocol::manifest::Manifest;
 use imiswarm_protocol::scheduler::Locality;
-use imiswarm_protocol::wire::{ControlRequest, ControlResponse, Holding};
+use imiswarm_protocol::wire::{ControlRequest, ControlResponse, HaveMessage, Holding};
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 use tokio::sync::{mpsc, watch};
@@ -187,6 +187,9 @@ pub struct Node {
     removing: HashSet<Hash>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
+    /// Haves from peers' haves streams (see [`crate::transfer::haves`]).
+    haves_tx: mpsc::Sender<(PeerId, HaveMessage)>,
+    haves_rx: mpsc::Receiver<(PeerId, HaveMessage)>,
     finished: mpsc::Sender<Finished>,
 }
 
@@ -208,6 +211,7 @@ impl Node {
         finished: mpsc::Sender<Finished>,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(1024);
+        let (haves_tx, haves_rx) = mpsc::channel(1024);
         Self {
             net: ctx.net.clone(),
             library: ctx.library.clone(),
@@ -226,7 +230,21 @@ impl Node {
             removing: HashSet::new(),
             internal_tx,
             internal_rx,
+            haves_tx,
+            haves_rx,
             finished,
+        }
+    }
+
+    /// Where the readers of incoming haves streams deliver.
+    pub fn have_inbox(&self) -> mpsc::Sender<(PeerId, HaveMessage)> {
+        self.haves_tx.clone()
+    }
+
+    /// A peer now also holds these pieces of version `id`: news for its download, if any.
+    fn on_have(&self, peer: PeerId, id: Hash, pieces: Vec<u32>) {
+        if let Some(d) = self.downloads.get(&id) {
+            let _ = d.events.try_send(DownloadEvent::Have { peer, pieces });
         }
     }
 
@@ -274,6 +292,9 @@ impl Node {
                     None => break,
                 },
                 Some(internal) = self.internal_rx.recv() => self.on_internal(internal).await,
+                Some((peer, have)) = self.haves_rx.recv() => {
+                    self.on_have(peer, have.manifest_id, have.pieces);
+                }
             }
         }
         // Make verified progress durable before the process ends.
@@ -933,13 +954,12 @@ impl Node {
                     None => ControlResponse::NotFound,
                 }
             }
+            // From a peer of an older release (newer ones use a haves stream).
             ControlRequest::Have {
                 manifest_id,
                 pieces,
             } => {
-                if let Some(d) = self.downloads.get(&manifest_id) {
-                    let _ = d.events.try_send(DownloadEvent::Have { peer, pieces });
-                }
+                self.on_have(peer, manifest_id, pieces);
                 ControlResponse::Ack
             }
             ControlRequest::LatestVersion { image } => ControlResponse::LatestVersion {

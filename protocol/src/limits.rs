@@ -30,6 +30,8 @@ pub const MAX_ANNOUNCEMENT_SIZE: usize = 1024;
 pub const MAX_CONTROL_SIZE: usize = 1024 * 1024;
 /// Most piece indices in one batched "have" message.
 pub const MAX_HAVE_BATCH: usize = 4096;
+/// Largest message on a haves stream: a full batch of varint indices, the id and framing.
+pub const MAX_HAVE_MESSAGE_SIZE: usize = 64 + MAX_HAVE_BATCH * 5;
 /// Most adjacent pieces one piece request may name.
 pub const MAX_SPAN: u32 = 64;
 /// Largest piece-stream header (request, response header, frame header).
@@ -55,5 +57,8 @@ pub const MAX_SITE_LEN: usize = 64;
 pub const CONTROL_PROTOCOL: &str = "/imiswarm/control/1";
 /// libp2p protocol of bulk piece transfer (one stream per span).
 pub const PIECE_PROTOCOL: &str = "/imiswarm/piece/1";
+/// libp2p protocol of haves: one long-lived stream per pair of peers and direction, carrying
+/// "I now also hold these pieces" messages.
+pub const HAVES_PROTOCOL: &str = "/imiswarm/haves/1";
 /// Gossipsub topic carrying signed announcements, and nothing else.
 pub const ANNOUNCE_TOPIC: &str = "imiswarm/announce/1";

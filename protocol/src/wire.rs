@@ -1,19 +1,19 @@
 //! Wire messages between nodes, other than gossip announcements.
 //!
-//! Two channels, two families of messages:
+//! Three channels, three families of messages:
 //!
 //! ```text
 //!  control (request-response, small)          piece stream (one stream per span)
 //!  ─────────────────────────────────          ─────────────────────────────────
 //!  Manifest{id}        -> Manifest{bytes}     PieceRequest{id, first, count}  ->
 //!  Availability{id}    -> Availability{bits}  <- PieceResponseHeader{status, first, count}
-//!  Have{id, pieces}    -> Ack                 <- PieceFrame{index, encoding, len} + len bytes
+//!  Have{id, pieces}    -> Ack  (older peers)  <- PieceFrame{index, encoding, len} + len bytes
 //!  LatestVersion{img}  -> LatestVersion{ann}     (one frame per piece of the span)
 //!  Peers               -> Peers{records}
-//!  Announcement{img,v} -> Announcement{ann}
-//!  Catalogue           -> Catalogue{anns}
-//!  Register{holdings}  -> Ack                 (to a tracker)
-//!  Holders{id}         -> Holders{records}    (to a tracker: same site first, origin last)
+//!  Announcement{img,v} -> Announcement{ann}   haves stream (one per peer and direction)
+//!  Catalogue           -> Catalogue{anns}     ─────────────────────────────────────────
+//!  Register{holdings}  -> Ack  (to a tracker) HaveMessage{id, pieces} ->  (no answer,
+//!  Holders{id}         -> Holders{records}    HaveMessage{id, pieces} ->   for its life)
 //!  any                 -> NotFound/Busy/Error
 //! ```
 //!
@@ -28,8 +28,9 @@ use crate::codec::WireFormat;
 use crate::hash::Hash;
 use crate::limits::{
     MAX_ADDR_LEN, MAX_ADDRS_PER_PEER, MAX_ANNOUNCEMENT_SIZE, MAX_CATALOGUE, MAX_CONTROL_SIZE,
-    MAX_ERROR_TEXT, MAX_HAVE_BATCH, MAX_HOLDINGS, MAX_MANIFEST_SIZE, MAX_PEER_ID_LEN,
-    MAX_PEER_RECORDS, MAX_PIECE_HEADER_SIZE, MAX_PIECE_SIZE, MAX_PIECES, MAX_SITE_LEN, MAX_SPAN,
+    MAX_ERROR_TEXT, MAX_HAVE_BATCH, MAX_HAVE_MESSAGE_SIZE, MAX_HOLDINGS, MAX_MANIFEST_SIZE,
+    MAX_PEER_ID_LEN, MAX_PEER_RECORDS, MAX_PIECE_HEADER_SIZE, MAX_PIECE_SIZE, MAX_PIECES,
+    MAX_SITE_LEN, MAX_SPAN,
 };
 use crate::path::check_image_name;
 
@@ -120,6 +121,15 @@ pub enum ControlResponse {
     Holders {
         holders: Vec<HolderRecord>,
     },
+}
+
+/// One message of a haves stream: "I now also hold these pieces of this version" (ascending).
+/// The same news as [`ControlRequest::Have`], without a stream, a negotiation and an answer
+/// each time: a downloading swarm sends a few of these per peer every second.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveMessage {
+    pub manifest_id: Hash,
+    pub pieces: Vec<u32>,
 }
 
 /// A peer another node can dial: its libp2p peer id and multiaddrs, in their binary forms
@@ -318,6 +328,16 @@ fn check_span(first: u32, count: u32) -> Result<(), String> {
     Ok(())
 }
 
+impl WireFormat for HaveMessage {
+    const KIND: &'static str = "have message";
+    const FORMAT_VERSION: u8 = 1;
+    const MAX_SIZE: usize = MAX_HAVE_MESSAGE_SIZE;
+
+    fn validate(&self) -> Result<(), String> {
+        check_have_batch(&self.pieces)
+    }
+}
+
 impl WireFormat for PieceRequest {
     const KIND: &'static str = "piece request";
     const FORMAT_VERSION: u8 = 1;
@@ -376,7 +396,22 @@ mod tests {
             };
             assert!(bad.encode().is_err());
             assert!(ControlRequest::decode(&bad.encode_unchecked().unwrap()).is_err());
+            let bad = HaveMessage {
+                manifest_id: id,
+                pieces: match bad {
+                    ControlRequest::Have { pieces, .. } => pieces,
+                    _ => unreachable!(),
+                },
+            };
+            assert!(bad.encode().is_err());
+            assert!(HaveMessage::decode(&bad.encode_unchecked().unwrap()).is_err());
         }
+        // The largest valid batch fits the message limit.
+        let full = HaveMessage {
+            manifest_id: id,
+            pieces: ((MAX_PIECES as u32 - MAX_HAVE_BATCH as u32)..MAX_PIECES as u32).collect(),
+        };
+        assert_eq!(HaveMessage::decode(&full.encode().unwrap()).unwrap(), full);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use imiswarm_protocol::announce::{Announcement, SignedAnnouncement};
 use imiswarm_protocol::codec::WireFormat;
 use imiswarm_protocol::manifest::Manifest;
 use imiswarm_protocol::wire::{
-    ControlRequest, ControlResponse, PieceFrame, PieceRequest, PieceResponseHeader,
+    ControlRequest, ControlResponse, HaveMessage, PieceFrame, PieceRequest, PieceResponseHeader,
 };
 use proptest::prelude::*;
 
@@ -21,6 +21,7 @@ fn decode_all(bytes: &[u8]) {
     let _ = PieceRequest::decode(bytes);
     let _ = PieceResponseHeader::decode(bytes);
     let _ = PieceFrame::decode(bytes);
+    let _ = HaveMessage::decode(bytes);
     let _ = postcard::from_bytes::<imiswarm_protocol::Bitfield>(bytes);
 }
 
@@ -62,6 +63,7 @@ proptest! {
         pr in common::piece_request(),
         ph in common::piece_response_header(),
         pf in common::piece_frame(),
+        hm in common::have_message(),
     ) {
         truncations_fail::<SignedAnnouncement>(&s.encode().unwrap())?;
         truncations_fail::<Announcement>(&s.announcement.encode().unwrap())?;
@@ -70,6 +72,7 @@ proptest! {
         truncations_fail::<PieceRequest>(&pr.encode().unwrap())?;
         truncations_fail::<PieceResponseHeader>(&ph.encode().unwrap())?;
         truncations_fail::<PieceFrame>(&pf.encode().unwrap())?;
+        truncations_fail::<HaveMessage>(&hm.encode().unwrap())?;
     }
 
     #[test]

@@ -10,8 +10,8 @@ use imiswarm_protocol::codec::WireFormat;
 use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::manifest::{FileEntry, Manifest, PieceHash};
 use imiswarm_protocol::wire::{
-    ControlRequest, ControlResponse, HolderRecord, Holding, PeerRecord, PieceEncoding, PieceFrame,
-    PieceRequest, PieceResponseHeader, PieceStatus,
+    ControlRequest, ControlResponse, HaveMessage, HolderRecord, Holding, PeerRecord, PieceEncoding,
+    PieceFrame, PieceRequest, PieceResponseHeader, PieceStatus,
 };
 
 fn h(byte: u8) -> Hash {
@@ -226,6 +226,17 @@ fn control_response_bytes() {
             }],
         },
         "010a010201020101030173010102",
+    );
+}
+
+#[test]
+fn haves_stream_bytes() {
+    pin(
+        &HaveMessage {
+            manifest_id: h(1),
+            pieces: vec![3, 300],
+        },
+        "0101010101010101010101010101010101010101010101010101010101010101010203ac02",
     );
 }
 

@@ -73,4 +73,9 @@ proptest! {
     fn piece_frame(r in common::piece_frame()) {
         round_trip(r)?;
     }
+
+    #[test]
+    fn have_message(r in common::have_message()) {
+        round_trip(r)?;
+    }
 }

@@ -31,7 +31,7 @@ use imiswarm_protocol::limits::MAX_HAVE_BATCH;
 use imiswarm_protocol::manifest::PieceIndex;
 use imiswarm_protocol::scheduler::{Locality, Priority, Request, Scheduler, SchedulerConfig};
 use imiswarm_protocol::wire::{
-    ControlRequest, PieceFrame, PieceRequest, PieceResponseHeader, PieceStatus,
+    HaveMessage, PieceFrame, PieceRequest, PieceResponseHeader, PieceStatus,
 };
 use libp2p::PeerId;
 use tokio::sync::{mpsc, watch};
@@ -40,6 +40,7 @@ use crate::library::Library;
 use crate::net::codec::{read_header, write_header};
 use crate::net::{NetHandle, PIECES};
 use crate::store::{CompleteVersion, PartialVersion, StoreError};
+use crate::transfer::haves::HaveSender;
 use crate::transfer::ratelimit::RateLimiter;
 
 /// How long a peer that sent a corrupt piece is refused.
@@ -54,10 +55,9 @@ const ENDGAME_MIN_AGE: Duration = Duration::from_millis(500);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often timeouts are checked and progress is published.
 const TICK: Duration = Duration::from_millis(100);
-/// How often verified pieces are announced to interested peers. Every announcement is one
-/// control exchange per peer (a new stream, protocol negotiation, request and response): with
-/// sixteen peers, announcing every [`TICK`] cost more CPU than moving the pieces. The origin's
-/// super-seeding holds a piece for seconds, so a quarter of a second more changes nothing there.
+/// How often verified pieces are announced to interested peers: one message per peer each
+/// time. Every [`TICK`] cost more CPU than it saved when each was a control exchange; the
+/// origin's super-seeding holds a piece for seconds, so a quarter second changes nothing there.
 const HAVE_EVERY: Duration = Duration::from_millis(250);
 /// With nothing in flight for this long while pieces are missing, the site has stalled: every
 /// piece may then come from other sites or the origin.
@@ -157,6 +157,8 @@ impl DownloadStats {
 #[derive(Debug, Clone)]
 pub struct DownloadContext {
     pub net: NetHandle,
+    /// Where verified pieces are announced to interested peers.
+    pub haves: HaveSender,
     pub library: Arc<Library>,
     pub limiter: Arc<RateLimiter>,
     pub stats: Arc<DownloadStats>,
@@ -428,7 +430,7 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 if last_haves.elapsed() >= HAVE_EVERY {
-                    flush_haves(&ctx.net, partial.id, &mut haves, &interested);
+                    flush_haves(&ctx.haves, partial.id, &mut haves, &interested);
                     last_haves = tokio::time::Instant::now();
                 }
                 if checkpointing.as_ref().is_some_and(|c| c.is_finished())
@@ -475,7 +477,7 @@ pub async fn run(
         }
     }
 
-    flush_haves(&ctx.net, partial.id, &mut haves, &interested);
+    flush_haves(&ctx.haves, partial.id, &mut haves, &interested);
     publish(&scheduler, peers.len(), &by_peer, &rate, &crossing);
     if let Some(running) = checkpointing.take() {
         running.await.map_err(|_| DownloadError::Stopped)??;
@@ -491,7 +493,7 @@ pub async fn run(
 
 /// Sends the pieces verified since the last flush to every interested peer, in batches.
 fn flush_haves(
-    net: &NetHandle,
+    sender: &HaveSender,
     id: imiswarm_protocol::Hash,
     haves: &mut BTreeSet<PieceIndex>,
     interested: &HashSet<PeerId>,
@@ -502,16 +504,13 @@ fn flush_haves(
     let pieces: Vec<PieceIndex> = std::mem::take(haves).into_iter().collect();
     for chunk in pieces.chunks(MAX_HAVE_BATCH) {
         for &peer in interested {
-            let net = net.clone();
-            let request = ControlRequest::Have {
-                manifest_id: id,
-                pieces: chunk.to_vec(),
-            };
-            tokio::spawn(async move {
-                if let Err(e) = net.request(peer, request).await {
-                    tracing::debug!(%peer, error = %e, "have not delivered");
-                }
-            });
+            sender.send(
+                peer,
+                HaveMessage {
+                    manifest_id: id,
+                    pieces: chunk.to_vec(),
+                },
+            );
         }
     }
 }

@@ -7,8 +7,8 @@ use imiswarm_protocol::hash::Hash;
 use imiswarm_protocol::limits::{MAX_SPAN, MIN_PIECE_SIZE};
 use imiswarm_protocol::manifest::{FileEntry, Manifest, PieceHash};
 use imiswarm_protocol::wire::{
-    ControlRequest, ControlResponse, PeerRecord, PieceEncoding, PieceFrame, PieceRequest,
-    PieceResponseHeader, PieceStatus,
+    ControlRequest, ControlResponse, HaveMessage, PeerRecord, PieceEncoding, PieceFrame,
+    PieceRequest, PieceResponseHeader, PieceStatus,
 };
 use proptest::prelude::*;
 
@@ -197,6 +197,17 @@ pub fn piece_response_header() -> impl Strategy<Value = PieceResponseHeader> {
             status,
             first,
             count,
+        })
+}
+
+pub fn have_message() -> impl Strategy<Value = HaveMessage> {
+    (
+        hash(),
+        proptest::collection::btree_set(0u32..4_000_000, 1..200),
+    )
+        .prop_map(|(manifest_id, set)| HaveMessage {
+            manifest_id,
+            pieces: set.into_iter().collect(),
         })
 }
 
