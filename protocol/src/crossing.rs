@@ -2,11 +2,16 @@
 //!
 //! A site reaches the origin and the other sites through a slower link, and a version should
 //! cross that link about once per site. The nodes of a site that download the same version
-//! ("mates") split its pieces among themselves by rendezvous hashing on groups of adjacent
-//! pieces: each group has one owner in the site, the node whose hash of (node, group) is highest.
-//! The owner fetches the group from other sites or the origin; the other mates wait for it to
-//! appear in the site and fetch it there. Every mate computes the same owner from the same set of
-//! mates without talking to anyone, and when a mate leaves, its groups move to the others.
+//! ("mates") split its pieces among themselves by rendezvous hashing with bounded load on groups
+//! of adjacent pieces: each group has one owner in the site, the node whose hash of (node, group)
+//! is highest among the nodes that own fewer than their fair share of groups so far. The owner
+//! fetches the group from other sites or the origin; the other mates wait for it to appear in the
+//! site and fetch it there. Every mate computes the same owners from the same set of mates without
+//! talking to anyone, and when a mate leaves, its groups move to the others.
+//!
+//! The bound matters: with plain rendezvous hashing, sixteen mates sharing 128 groups owned
+//! between 3 and 15 each, and the mates with the most kept the origin busy long after the rest
+//! had brought their share across. With the bound, shares differ by at most one group.
 //!
 //! A piece some peer of the site already holds never crosses at all: it is fetched in the site.
 //!
@@ -32,6 +37,8 @@ pub const GROUP: u32 = 16;
 pub struct Crossing {
     me: u64,
     mates: BTreeSet<u64>,
+    /// The groups this node owns among its current mates.
+    mine: Bitfield,
     open: bool,
     /// What each same-site peer holds, and their union.
     site_peers: BTreeMap<u64, Bitfield>,
@@ -47,6 +54,7 @@ impl Crossing {
         Self {
             me: node_key(me),
             mates: BTreeSet::new(),
+            mine: Bitfield::full(pieces.div_ceil(GROUP)),
             open: false,
             site_peers: BTreeMap::new(),
             site: Bitfield::new(pieces),
@@ -58,6 +66,9 @@ impl Crossing {
     pub fn add_mate(&mut self, id: &[u8]) -> bool {
         let key = node_key(id);
         let added = key != self.me && self.mates.insert(key);
+        if added {
+            self.assign();
+        }
         self.changed |= added;
         added
     }
@@ -65,6 +76,9 @@ impl Crossing {
     /// A mate left (or finished and went away). Returns whether the split changed.
     pub fn remove_mate(&mut self, id: &[u8]) -> bool {
         let removed = self.mates.remove(&node_key(id));
+        if removed {
+            self.assign();
+        }
         self.changed |= removed;
         removed
     }
@@ -161,8 +175,37 @@ impl Crossing {
 
     /// Whether this node is the one of its site that brings `group` across.
     fn owns(&self, group: u32) -> bool {
-        let mine = score(self.me, group);
-        self.mates.iter().all(|&mate| score(mate, group) < mine)
+        self.mine.get(group)
+    }
+
+    /// Recomputes which groups this node owns, as every mate does with the same set of
+    /// members: in group order, each group goes to the member with the highest score among
+    /// those still under the bound. The bound is the fair share rounded down, and rounded up
+    /// for the first members to reach it while the remainder lasts, so every group finds an
+    /// owner and shares differ by at most one group.
+    fn assign(&mut self) {
+        let groups = self.mine.len();
+        let members: Vec<u64> = std::iter::once(self.me)
+            .chain(self.mates.iter().copied())
+            .collect();
+        let n = members.len() as u32;
+        let (floor, mut extra) = (groups / n, groups % n);
+        let mut load = vec![0u32; members.len()];
+        let mut mine = Bitfield::new(groups);
+        for group in 0..groups {
+            let owner = (0..members.len())
+                .filter(|&m| load[m] < floor || (load[m] == floor && extra > 0))
+                .max_by_key(|&m| (score(members[m], group), members[m]))
+                .expect("the bounds add up to the number of groups");
+            if load[owner] == floor {
+                extra -= 1;
+            }
+            load[owner] += 1;
+            if members[owner] == self.me {
+                mine.set(group);
+            }
+        }
+        self.mine = mine;
     }
 }
 
@@ -207,8 +250,30 @@ mod tests {
             assert_eq!(owners.len(), 1, "piece {piece}: {owners:?}");
             owned[owners[0]] += 1;
         }
-        // Rendezvous hashing spreads the groups: nobody owns less than half its fair share.
-        assert!(owned.iter().all(|&n| n > 4096 / 4 / 2), "{owned:?}");
+        // The bound: shares differ by at most one group.
+        let (min, max) = (owned.iter().min().unwrap(), owned.iter().max().unwrap());
+        assert!(max - min <= GROUP, "{owned:?}");
+    }
+
+    #[test]
+    fn shares_stay_within_one_group_for_any_site_size() {
+        for n in [2u8, 3, 5, 16, 17] {
+            // 128 groups, as a 128 MiB version of 64 KiB pieces.
+            let ids: Vec<Vec<u8>> = (0..n).map(|i| vec![i, 7, 7]).collect();
+            let owned: Vec<u32> = ids
+                .iter()
+                .map(|me| {
+                    let mut c = Crossing::new(me, 128 * GROUP);
+                    for other in &ids {
+                        c.add_mate(other);
+                    }
+                    c.mine.count_ones()
+                })
+                .collect();
+            assert_eq!(owned.iter().sum::<u32>(), 128, "n={n}: {owned:?}");
+            let (min, max) = (owned.iter().min().unwrap(), owned.iter().max().unwrap());
+            assert!(max - min <= 1, "n={n}: {owned:?}");
+        }
     }
 
     #[test]
