@@ -10,7 +10,8 @@
 //! bitfield when a peer becomes interesting, batched haves after), sends each request it gets
 //! back as one piece stream in a task of its own, and hears back per piece. Every piece is
 //! verified by the store before it counts; a peer that sends a bad piece is banned and its
-//! pieces are fetched elsewhere. Progress is checkpointed about once a second, so a killed
+//! pieces are fetched elsewhere. In the endgame a piece may be asked of two peers; once one
+//! copy arrives, a fetch left transferring only pieces already held is stopped. Progress is checkpointed about once a second, so a killed
 //! download resumes without fetching a verified piece again.
 //!
 //! ```text
@@ -189,9 +190,43 @@ enum Failure {
 
 #[derive(Debug)]
 struct PieceOutcome {
+    /// The fetch task that reports it.
+    fetch: u64,
     peer: PeerId,
     piece: PieceIndex,
     result: Result<usize, Failure>,
+}
+
+/// A running fetch task: what it has not reported yet, and how to stop it.
+#[derive(Debug)]
+struct Fetch {
+    peer: PeerId,
+    unreported: BTreeSet<PieceIndex>,
+    abort: tokio::task::AbortHandle,
+}
+
+/// `piece` arrived, and its other copies at `peer` were dropped by the scheduler: a fetch from
+/// `peer` that now only transfers pieces already held is stopped, so its bytes go to pieces
+/// still missing (in the endgame, most of a receiver's duplicates would otherwise arrive in
+/// full). Returns how many pieces the stopped fetches will no longer report.
+fn stop_duplicates(
+    fetches: &mut HashMap<u64, Fetch>,
+    scheduler: &Scheduler<PeerId>,
+    peer: PeerId,
+    piece: PieceIndex,
+) -> u32 {
+    let mut dropped = 0;
+    fetches.retain(|_, fetch| {
+        let useless = fetch.peer == peer
+            && fetch.unreported.contains(&piece)
+            && fetch.unreported.iter().all(|&p| scheduler.has_piece(p));
+        if useless {
+            fetch.abort.abort();
+            dropped += fetch.unreported.len() as u32;
+        }
+        !useless
+    });
+    dropped
 }
 
 /// An exponentially weighted receive rate, updated every tick.
@@ -265,6 +300,8 @@ pub async fn run(
     let mut remote: HashMap<PeerId, Bitfield> = HashMap::new();
     // Pieces requested and not yet reported back.
     let mut outstanding: u32 = 0;
+    let mut fetches: HashMap<u64, Fetch> = HashMap::new();
+    let mut next_fetch: u64 = 0;
     let mut idle_since: Option<tokio::time::Instant> = None;
     // When same-site peers answered "busy" lately.
     let mut site_busy: std::collections::VecDeque<tokio::time::Instant> = Default::default();
@@ -377,6 +414,12 @@ pub async fn run(
             Some(outcome) = outcomes.recv() => {
                 let now = tokio::time::Instant::now().into_std();
                 outstanding = outstanding.saturating_sub(1);
+                if let Some(fetch) = fetches.get_mut(&outcome.fetch) {
+                    fetch.unreported.remove(&outcome.piece);
+                    if fetch.unreported.is_empty() {
+                        fetches.remove(&outcome.fetch);
+                    }
+                }
                 match outcome.result {
                     Ok(len) => {
                         *by_peer.entry(outcome.peer).or_default() += len as u64;
@@ -384,7 +427,11 @@ pub async fn run(
                             ctx.stats.add_from_site(site, len as u64);
                         }
                         rate.add(len as u64);
-                        scheduler.on_complete(outcome.peer, outcome.piece, now);
+                        let others = scheduler.on_complete(outcome.peer, outcome.piece, now);
+                        for (other, piece) in others {
+                            let dropped = stop_duplicates(&mut fetches, &scheduler, other, piece);
+                            outstanding = outstanding.saturating_sub(dropped);
+                        }
                         haves.insert(outcome.piece);
                     }
                     Err(Failure::Soft(reason)) => {
@@ -468,15 +515,33 @@ pub async fn run(
             idle_since = None;
         }
         for request in requests {
-            tokio::spawn(fetch_span(
+            let id = next_fetch;
+            next_fetch += 1;
+            let (peer, unreported) = (request.peer, request.pieces().collect());
+            let task = tokio::spawn(fetch_span(
                 ctx.clone(),
                 partial.clone(),
                 request,
+                id,
                 outcomes_tx.clone(),
             ));
+            let abort = task.abort_handle();
+            fetches.insert(
+                id,
+                Fetch {
+                    peer,
+                    unreported,
+                    abort,
+                },
+            );
         }
     }
 
+    // Whatever is still in flight duplicates what arrived: stop it, so the peers' upload goes
+    // to those still missing pieces.
+    for fetch in fetches.values() {
+        fetch.abort.abort();
+    }
     flush_haves(&ctx.haves, partial.id, &mut haves, &interested);
     publish(&scheduler, peers.len(), &by_peer, &rate, &crossing);
     if let Some(running) = checkpointing.take() {
@@ -528,11 +593,12 @@ async fn fetch_span(
     ctx: DownloadContext,
     partial: Arc<PartialVersion>,
     request: Request<PeerId>,
+    fetch: u64,
     outcomes: mpsc::Sender<PieceOutcome>,
 ) {
     let peer = request.peer;
     let mut reported: HashSet<PieceIndex> = HashSet::new();
-    let result = fetch_span_inner(&ctx, &partial, &request, &outcomes, &mut reported).await;
+    let result = fetch_span_inner(&ctx, &partial, &request, fetch, &outcomes, &mut reported).await;
     // Everything of the span not yet reported (a shorter answer, or a broken stream) shares
     // the span's fate; a bad or fatal outcome is reported once, on the first unreported piece,
     // the rest fail softly.
@@ -547,6 +613,7 @@ async fn fetch_span(
         };
         let _ = outcomes
             .send(PieceOutcome {
+                fetch,
                 peer,
                 piece,
                 result,
@@ -559,6 +626,7 @@ async fn fetch_span_inner(
     ctx: &DownloadContext,
     partial: &Arc<PartialVersion>,
     request: &Request<PeerId>,
+    fetch: u64,
     outcomes: &mpsc::Sender<PieceOutcome>,
     reported: &mut HashSet<PieceIndex>,
 ) -> Result<(), Failure> {
@@ -635,6 +703,7 @@ async fn fetch_span_inner(
         reported.insert(expected);
         let _ = outcomes
             .send(PieceOutcome {
+                fetch,
                 peer: request.peer,
                 piece: expected,
                 result,
@@ -647,4 +716,46 @@ async fn fetch_span_inner(
     }
     let _ = stream.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending_fetch(peer: PeerId, pieces: &[PieceIndex]) -> (Fetch, tokio::task::JoinHandle<()>) {
+        let task = tokio::spawn(std::future::pending::<()>());
+        let fetch = Fetch {
+            peer,
+            unreported: pieces.iter().copied().collect(),
+            abort: task.abort_handle(),
+        };
+        (fetch, task)
+    }
+
+    #[tokio::test]
+    async fn a_fetch_left_with_only_held_pieces_is_stopped() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut scheduler: Scheduler<PeerId> = Scheduler::new(8, SchedulerConfig::default(), 1);
+        scheduler.want_all(Priority::Normal);
+        scheduler.mark_have(5);
+        // At `b`: a span whose pieces 4 and 5 are left (5 is held), a duplicate of 5 alone,
+        // and a span with a piece still missing. At `a`: a duplicate of 5 (another peer).
+        let (span, span_task) = pending_fetch(b, &[4, 5]);
+        let (dup, dup_task) = pending_fetch(b, &[5]);
+        let (missing, missing_task) = pending_fetch(b, &[5, 6]);
+        let (other, other_task) = pending_fetch(a, &[5]);
+        let mut fetches: HashMap<u64, Fetch> =
+            HashMap::from([(1, span), (2, dup), (3, missing), (4, other)]);
+
+        assert_eq!(stop_duplicates(&mut fetches, &scheduler, b, 5), 1);
+        let mut left: Vec<u64> = fetches.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, [1, 3, 4], "only the fetch of held pieces at b stops");
+        assert!(dup_task.await.unwrap_err().is_cancelled());
+
+        scheduler.mark_have(4);
+        assert_eq!(stop_duplicates(&mut fetches, &scheduler, b, 4), 2);
+        assert!(span_task.await.unwrap_err().is_cancelled());
+        assert!(!missing_task.is_finished() && !other_task.is_finished());
+    }
 }
