@@ -667,6 +667,9 @@ async fn fetch_span_inner(
             "response header does not match the request".into(),
         ));
     }
+    // One buffer for the span: it goes to the blocking pool with each piece and comes back, so
+    // a piece costs no allocation and no zeroing after the first.
+    let mut buffer: Vec<u8> = Vec::new();
     for expected in header.first..header.first + header.count {
         let frame: PieceFrame = timeout(read_header(&mut stream)).await?.map_err(soft)?;
         let len = partial
@@ -680,18 +683,22 @@ async fn fetch_span_inner(
                 frame.index, frame.len
             )));
         }
-        let mut bytes = vec![0u8; frame.len as usize];
-        timeout(stream.read_exact(&mut bytes))
+        buffer.resize(frame.len as usize, 0);
+        timeout(stream.read_exact(&mut buffer))
             .await?
             .map_err(soft)?;
-        ctx.limiter.take(bytes.len()).await;
+        ctx.limiter.take(buffer.len()).await;
         ctx.stats
             .received_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let p = partial.clone();
-        let written = tokio::task::spawn_blocking(move || p.write_piece(expected, &bytes))
-            .await
-            .map_err(|e| Failure::Soft(e.to_string()))?;
+            .fetch_add(buffer.len() as u64, Ordering::Relaxed);
+        let (p, bytes) = (partial.clone(), std::mem::take(&mut buffer));
+        let (bytes, written) = tokio::task::spawn_blocking(move || {
+            let written = p.write_piece(expected, &bytes);
+            (bytes, written)
+        })
+        .await
+        .map_err(|e| Failure::Soft(e.to_string()))?;
+        buffer = bytes;
         let result = match written {
             Ok(_) => Ok(len as usize),
             Err(StoreError::BadPiece(_)) => Err(Failure::Bad(format!(
