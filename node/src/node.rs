@@ -526,6 +526,7 @@ impl Node {
             NetEvent::PeerGone { peer } => {
                 self.peers.remove(&peer);
                 self.trackers.remove(&peer);
+                self.ctx.haves.forget(peer);
                 for d in self.downloads.values_mut() {
                     d.queried.remove(&peer);
                     let _ = d.events.try_send(DownloadEvent::PeerGone { peer });

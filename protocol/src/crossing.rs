@@ -7,7 +7,8 @@
 //! is highest among the nodes that own fewer than their fair share of groups so far. The owner
 //! fetches the group from other sites or the origin; the other mates wait for it to appear in the
 //! site and fetch it there. Every mate computes the same owners from the same set of mates without
-//! talking to anyone, and when a mate leaves, its groups move to the others.
+//! talking to anyone; when a mate joins or leaves, the owners are recomputed (its groups move, and
+//! a few others with them).
 //!
 //! The bound matters: with plain rendezvous hashing, sixteen mates sharing 128 groups owned
 //! between 3 and 15 each, and the mates with the most kept the origin busy long after the rest
@@ -15,9 +16,11 @@
 //!
 //! A piece some peer of the site already holds never crosses at all: it is fetched in the site.
 //!
-//! Mates learn each other a moment apart, so for that moment two mates may both fetch a group:
-//! the split bounds the waste, it does not forbid it. When the site stalls (a mate that owns
-//! groups stops delivering them), the caller calls [`Crossing::open`] and every piece may cross.
+//! Mates learn each other a moment apart, so for that moment two mates may both fetch a group,
+//! or (the price of the bound: plain rendezvous hashing only ever over-claims) none may: the
+//! split bounds the waste, it does not forbid it. When the site stalls (a mate that owns groups
+//! stops delivering them, or nobody owns one), the caller calls [`Crossing::open`] and every
+//! piece may cross.
 //!
 //! The download applies the policy by showing its scheduler only the pieces a remote peer holds
 //! that may cross ([`Crossing::mask`]); same-site peers are shown in full.

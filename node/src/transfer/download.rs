@@ -205,6 +205,32 @@ struct Fetch {
     abort: tokio::task::AbortHandle,
 }
 
+/// The running fetches of a download, by id. Dropping it stops them all, so a download that
+/// ends early (stopped, or its disk failed) leaves nothing writing into its files.
+#[derive(Debug, Default)]
+struct Fetches(HashMap<u64, Fetch>);
+
+impl Drop for Fetches {
+    fn drop(&mut self) {
+        for fetch in self.0.values() {
+            fetch.abort.abort();
+        }
+    }
+}
+
+impl std::ops::Deref for Fetches {
+    type Target = HashMap<u64, Fetch>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Fetches {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 /// `piece` arrived, and its other copies at `peer` were dropped by the scheduler: a fetch from
 /// `peer` that now only transfers pieces already held is stopped, so its bytes go to pieces
 /// still missing (in the endgame, most of a receiver's duplicates would otherwise arrive in
@@ -300,7 +326,7 @@ pub async fn run(
     let mut remote: HashMap<PeerId, Bitfield> = HashMap::new();
     // Pieces requested and not yet reported back.
     let mut outstanding: u32 = 0;
-    let mut fetches: HashMap<u64, Fetch> = HashMap::new();
+    let mut fetches = Fetches::default();
     let mut next_fetch: u64 = 0;
     let mut idle_since: Option<tokio::time::Instant> = None;
     // When same-site peers answered "busy" lately.
@@ -413,9 +439,12 @@ pub async fn run(
             },
             Some(outcome) = outcomes.recv() => {
                 let now = tokio::time::Instant::now().into_std();
-                outstanding = outstanding.saturating_sub(1);
-                if let Some(fetch) = fetches.get_mut(&outcome.fetch) {
-                    fetch.unreported.remove(&outcome.piece);
+                // A stopped fetch's pieces were taken off `outstanding` when it was stopped: what
+                // it sent before it noticed counts only once.
+                if let Some(fetch) = fetches.get_mut(&outcome.fetch)
+                    && fetch.unreported.remove(&outcome.piece)
+                {
+                    outstanding = outstanding.saturating_sub(1);
                     if fetch.unreported.is_empty() {
                         fetches.remove(&outcome.fetch);
                     }
@@ -537,11 +566,9 @@ pub async fn run(
         }
     }
 
-    // Whatever is still in flight duplicates what arrived: stop it, so the peers' upload goes
-    // to those still missing pieces.
-    for fetch in fetches.values() {
-        fetch.abort.abort();
-    }
+    // Whatever is still in flight duplicates what arrived: stop it before the files are
+    // finished, so the peers' upload goes to those still missing pieces.
+    drop(fetches);
     flush_haves(&ctx.haves, partial.id, &mut haves, &interested);
     publish(&scheduler, peers.len(), &by_peer, &rate, &crossing);
     if let Some(running) = checkpointing.take() {

@@ -92,27 +92,42 @@ impl HaveSender {
         queues.insert(peer, tx);
         tokio::spawn(send_to(self.net.clone(), peer, rx));
     }
+
+    /// The peer is gone: its task closes its stream and ends, and nothing more is queued for it
+    /// until it is told something again.
+    pub fn forget(&self, peer: PeerId) {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.remove(&peer);
+    }
+}
+
+/// Opens a haves stream to `peer`. `Ok(None)`: the peer does not speak the protocol.
+async fn open(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+) -> Result<Option<libp2p::Stream>, String> {
+    match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, HAVES)).await {
+        Ok(Ok(stream)) => Ok(Some(stream)),
+        Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => Ok(None),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("opening a haves stream timed out".into()),
+    }
 }
 
 /// Owns the haves stream to one peer until it breaks or the queue's sender is dropped.
 async fn send_to(net: NetHandle, peer: PeerId, mut queue: mpsc::Receiver<HaveMessage>) {
     let mut control = net.streams();
-    let mut stream =
-        match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, HAVES)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
-                send_as_requests(&net, peer, &mut queue).await;
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "no haves stream");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "opening a haves stream timed out");
-                return;
-            }
-        };
+    let mut stream = match open(&mut control, peer).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => {
+            send_as_requests(&net, peer, &mut queue).await;
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "no haves stream");
+            return;
+        }
+    };
     let mut bytes = Vec::with_capacity(WRITE_BYTES);
     while let Some(first) = queue.recv().await {
         bytes.clear();
@@ -131,8 +146,19 @@ async fn send_to(net: NetHandle, peer: PeerId, mut queue: mpsc::Receiver<HaveMes
         match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&bytes)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "haves stream broke");
-                return;
+                // The connection under the stream may have been replaced (a reconnect): one
+                // new stream, and the batch again, before giving up on the peer.
+                tracing::debug!(%peer, error = %e, "haves stream broke: opening another");
+                let resent = match open(&mut control, peer).await {
+                    Ok(Some(new)) => {
+                        stream = new;
+                        tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&bytes)).await
+                    }
+                    _ => return,
+                };
+                if !matches!(resent, Ok(Ok(()))) {
+                    return;
+                }
             }
             Err(_) => {
                 tracing::debug!(%peer, "peer reads no haves: closing the stream");
@@ -289,6 +315,11 @@ mod tests {
             1,
             "one stream task for one peer"
         );
+        // A forgotten peer (it went away) gets a new stream when it is told something again.
+        sender.forget(a.local_peer_id);
+        assert!(sender.queues.lock().unwrap().is_empty());
+        sender.send(a.local_peer_id, have(vec![500]));
+        assert_eq!(next(&mut inbox).await, (b.local_peer_id, have(vec![500])));
     }
 
     #[tokio::test]
