@@ -41,12 +41,7 @@ fn seed_five_daemons_and_a_fetch_converge() {
     }
     // Peer exchange, the DHT and the seed's bootstrap list all name the same peers: each pair
     // still shares one connection (two after a simultaneous dial), never one per mention.
-    let out = Command::new(bin())
-        .args(["status", "--json", "--api", &api])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = status_json(&api);
     let peers = report["peers"].as_array().unwrap();
     assert!(peers.len() >= 2, "d1 knows the seed and its site: {report}");
     for peer in peers {
@@ -287,12 +282,7 @@ fn status_and_metrics_describe_the_daemon() {
     let dir = swarm.path("d1/lab/1");
     wait_for("d1 to complete", Duration::from_secs(120), || dir.is_dir());
 
-    let out = Command::new(bin())
-        .args(["status", "--json", "--api", &api])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = status_json(&api);
     let versions = report["versions"].as_array().unwrap();
     assert!(
         versions

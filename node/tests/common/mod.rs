@@ -105,6 +105,17 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_imiswarm")
 }
 
+/// The JSON status of the daemon whose control API listens at `api`, as `imiswarm status
+/// --json` prints it.
+pub fn status_json(api: &str) -> serde_json::Value {
+    let out = Command::new(bin())
+        .args(["status", "--json", "--api", api])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
