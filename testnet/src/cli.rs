@@ -199,6 +199,15 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 h / t
             );
         }
+        if let Some(cpu) = r.host_cpu {
+            // Every node shares this host: near 100%, the host's processors bound T too.
+            println!(
+                "  host processors during T: {:.0}% busy of {} cores (steal {:.0}%)",
+                cpu.busy * 100.0,
+                cpu.cores,
+                cpu.steal * 100.0
+            );
+        }
     }
     save(&reports, &args.output)
 }

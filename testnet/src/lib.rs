@@ -17,11 +17,13 @@
 //! | [`runner`] | running a scenario on a backend and measuring it |
 //! | [`report`] | the report: table, JSON, SVG |
 //! | [`http`] | the central HTTP server baseline |
+//! | [`hostcpu`] | how busy the host's processors were during a measurement |
 
 pub mod backend;
 pub mod bound;
 pub mod cli;
 pub mod demo;
+pub mod hostcpu;
 pub mod http;
 pub mod image;
 pub mod local;

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::backend::BackendKind;
+use crate::hostcpu::HostCpu;
 
 /// One node's part of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +53,9 @@ pub struct Report {
     /// The same receivers served `bytes_to_move` each by one central HTTP server with the same
     /// link rates (None: not run).
     pub http_baseline_seconds: Option<f64>,
+    /// How busy the host's processors were during T (every node runs on this one host): near
+    /// 1, the run measured the host's processors as much as the swarm.
+    pub host_cpu: Option<HostCpu>,
     pub all_correct: bool,
     pub per_node: Vec<NodeReport>,
 }
@@ -129,6 +133,19 @@ impl Report {
             mib(self.cross_site_bytes),
             mib(self.moved_bytes_per_node as u64),
         );
+        if let Some(cpu) = self.host_cpu {
+            let _ = writeln!(
+                out,
+                "  host processors during T: {:.0}% busy of {} cores{}",
+                cpu.busy * 100.0,
+                cpu.cores,
+                if cpu.steal >= 0.005 {
+                    format!(", {:.0}% stolen by the hypervisor", cpu.steal * 100.0)
+                } else {
+                    String::new()
+                }
+            );
+        }
         let _ = writeln!(
             out,
             "  every node's files correct: {}",

@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 
 use crate::backend::{Backend, BackendKind, Host};
 use crate::bound::FluidBound;
+use crate::hostcpu::CpuTimes;
 use crate::image::SampleImage;
 use crate::report::{NodeReport, Report};
 use crate::scenario::{Action, NodeSpec, Role, Scenario};
@@ -81,6 +82,10 @@ struct Run<'a> {
     published: u64,
     /// When measurement started.
     t0: Option<Instant>,
+    /// The host's processor counters when measurement started, and at the round's latest
+    /// completion so far: the report's processor use covers exactly T.
+    cpu_at_t0: Option<CpuTimes>,
+    cpu_at_done: Option<CpuTimes>,
     /// Node -> the version it was last started to hold (workstations fetch one version).
     wants: Vec<u64>,
     /// Node -> (version -> seconds from t0 when first seen holding it; negative: before t0).
@@ -146,6 +151,8 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Vec<Report>
         peer_ids,
         published: 0,
         t0: None,
+        cpu_at_t0: None,
+        cpu_at_done: None,
         wants: vec![0; count],
         done: vec![HashMap::new(); count],
         past: vec![Counters::default(); count],
@@ -401,6 +408,9 @@ impl Run<'_> {
                     None => 0.0,
                 };
                 self.done[i].insert(v, at);
+                if self.t0.is_some() {
+                    self.cpu_at_done = CpuTimes::now();
+                }
             }
         }
         if let Some(bars) = &self.bars {
@@ -416,6 +426,13 @@ impl Run<'_> {
         }
     }
 
+    /// Measurement starts now.
+    fn start_clock(&mut self) {
+        self.t0 = Some(Instant::now());
+        self.cpu_at_t0 = CpuTimes::now();
+        self.cpu_at_done = None;
+    }
+
     fn mark(&mut self) -> anyhow::Result<()> {
         if self.t0.is_some() {
             // Status files are rewritten twice a second: let every node's catch up with what
@@ -424,7 +441,7 @@ impl Run<'_> {
             let round = self.report()?;
             self.reports.push(round);
         }
-        self.t0 = Some(Instant::now());
+        self.start_clock();
         for i in 0..self.nodes.len() {
             self.at_mark[i] = self.counters(i);
             // What is held at the mark counts as held before it.
@@ -470,7 +487,7 @@ impl Run<'_> {
             match &event.action {
                 Action::Publish { version } if marked => {
                     self.publish(*version)?;
-                    self.t0 = Some(Instant::now());
+                    self.start_clock();
                 }
                 Action::Publish { version } => self.publish(*version)?,
                 Action::Wait { role, timeout } => self.wait(*role, *timeout)?,
@@ -730,6 +747,9 @@ impl Run<'_> {
             cross_site_bytes: per_node.iter().map(|n| n.cross_site_bytes).sum(),
             moved_bytes_per_node: received as f64 / receivers.len().max(1) as f64,
             http_baseline_seconds,
+            host_cpu: seconds
+                .and(self.cpu_at_t0.zip(self.cpu_at_done))
+                .and_then(|(t0, done)| t0.until(done)),
             all_correct,
             per_node,
         })
