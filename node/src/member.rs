@@ -121,6 +121,7 @@ impl Member {
                 Role::Fetch => crate::transfer::download::WORKSTATION_SITE_SETTLE,
                 _ => crate::transfer::download::SITE_SETTLE,
             },
+            streams: Default::default(),
         };
         let (finished_tx, finished) = mpsc::channel(16);
         let mut node = Node::new(

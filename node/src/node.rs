@@ -343,11 +343,21 @@ impl Node {
         }
 
         self.requery_stalled();
-        if !self.downloads.is_empty()
-            && self.last_lookup.is_none_or(|t| t.elapsed() >= LOOKUP_EVERY)
-        {
-            self.last_lookup = Some(Instant::now());
-            let ids: Vec<Hash> = self.downloads.keys().copied().collect();
+        if self.last_lookup.is_none_or(|t| t.elapsed() >= LOOKUP_EVERY) {
+            // A lookup is a tracker request and a DHT walk that reaches most nodes of a small
+            // swarm: only downloads short of holders, or stuck, need one.
+            let ids: Vec<Hash> = self
+                .downloads
+                .iter()
+                .filter(|(_, d)| {
+                    d.progress.borrow().peers < ENOUGH_HOLDERS
+                        || d.last_progress.1.elapsed() >= LOOKUP_EVERY
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                self.last_lookup = Some(Instant::now());
+            }
             for id in ids {
                 self.find_holders(id);
             }
@@ -527,6 +537,7 @@ impl Node {
                 self.peers.remove(&peer);
                 self.trackers.remove(&peer);
                 self.ctx.haves.forget(peer);
+                self.ctx.streams.forget(&peer);
                 for d in self.downloads.values_mut() {
                     d.queried.remove(&peer);
                     let _ = d.events.try_send(DownloadEvent::PeerGone { peer });
@@ -1027,6 +1038,9 @@ const REGISTER_MIN_GAP: Duration = Duration::from_secs(2);
 const REQUERY_AFTER: Duration = Duration::from_secs(2);
 /// How often active downloads look for more holders (trackers, then the DHT).
 const LOOKUP_EVERY: Duration = Duration::from_secs(5);
+/// A download that hears from this many holders looks for no more (unless it is stuck): its
+/// link is full long before, and newcomers reach it through gossip and "have"s anyway.
+const ENOUGH_HOLDERS: u32 = 8;
 
 /// Asks peers (the origin first) for the manifest an announcement names, until one answers
 /// with bytes that hash to the signed id and describe the announced version.

@@ -55,7 +55,7 @@ pub const MAX_SITE_LEN: usize = 64;
 
 /// libp2p protocol of small control messages (request-response).
 pub const CONTROL_PROTOCOL: &str = "/imiswarm/control/1";
-/// libp2p protocol of bulk piece transfer (one stream per span).
+/// libp2p protocol of bulk piece transfer (one span at a time; a stream is kept for the next).
 pub const PIECE_PROTOCOL: &str = "/imiswarm/piece/1";
 /// libp2p protocol of haves: one long-lived stream per pair of peers and direction, carrying
 /// "I now also hold these pieces" messages.

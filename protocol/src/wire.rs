@@ -3,13 +3,13 @@
 //! Three channels, three families of messages:
 //!
 //! ```text
-//!  control (request-response, small)          piece stream (one stream per span)
+//!  control (request-response, small)          piece stream (requests one after another)
 //!  ─────────────────────────────────          ─────────────────────────────────
 //!  Manifest{id}        -> Manifest{bytes}     PieceRequest{id, first, count}  ->
 //!  Availability{id}    -> Availability{bits}  <- PieceResponseHeader{status, first, count}
 //!  Have{id, pieces}    -> Ack  (older peers)  <- PieceFrame{index, encoding, len} + len bytes
 //!  LatestVersion{img}  -> LatestVersion{ann}     (one frame per piece of the span)
-//!  Peers               -> Peers{records}
+//!  Peers               -> Peers{records}         then the next PieceRequest, or the end
 //!  Announcement{img,v} -> Announcement{ann}   haves stream (one per peer and direction)
 //!  Catalogue           -> Catalogue{anns}     ─────────────────────────────────────────
 //!  Register{holdings}  -> Ack  (to a tracker) HaveMessage{id, pieces} ->  (no answer,
@@ -271,7 +271,8 @@ fn check_have_batch(pieces: &[u32]) -> Result<(), String> {
     Ok(())
 }
 
-/// First message on a piece stream: "send me pieces first..first+count of this version".
+/// A request on a piece stream: "send me pieces first..first+count of this version". A
+/// stream carries one request at a time, and another once the answer is complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PieceRequest {
     pub manifest_id: Hash,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::AsyncReadExt;
 use imiswarm_protocol::bitfield::Bitfield;
 use imiswarm_protocol::crossing::Crossing;
 use imiswarm_protocol::limits::MAX_HAVE_BATCH;
@@ -43,6 +43,7 @@ use crate::net::{NetHandle, PIECES};
 use crate::store::{CompleteVersion, PartialVersion, StoreError};
 use crate::transfer::haves::HaveSender;
 use crate::transfer::ratelimit::RateLimiter;
+use crate::transfer::stream_pool::StreamPool;
 
 /// How long a peer that sent a corrupt piece is refused.
 pub const BAN_FOR: Duration = Duration::from_secs(600);
@@ -165,6 +166,8 @@ pub struct DownloadContext {
     pub stats: Arc<DownloadStats>,
     /// How long a new download waits to hear from its site (see [`SITE_SETTLE`]).
     pub site_settle: Duration,
+    /// Piece streams kept for the next request.
+    pub streams: StreamPool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,15 +339,17 @@ pub async fn run(
                    by_peer: &HashMap<PeerId, u64>,
                    rate: &RateMeter,
                    crossing: &Crossing| {
-        let mut sources: Vec<Source> = by_peer
-            .iter()
+        let mut top: Vec<(&PeerId, &u64)> = by_peer.iter().collect();
+        top.sort_by_key(|(_, b)| std::cmp::Reverse(**b));
+        // Only the shown peers are spelled out: a peer id's text is a base-58 division.
+        let sources: Vec<Source> = top
+            .into_iter()
+            .take(8)
             .map(|(p, b)| Source {
                 peer: p.to_string(),
                 bytes: *b,
             })
             .collect();
-        sources.sort_by_key(|s| std::cmp::Reverse(s.bytes));
-        sources.truncate(8);
         progress.send_replace(DownloadProgress {
             verified_pieces: total - scheduler.remaining().min(total),
             total_pieces: total,
@@ -658,32 +663,15 @@ async fn fetch_span_inner(
     reported: &mut HashSet<PieceIndex>,
 ) -> Result<(), Failure> {
     let soft = |e: std::io::Error| Failure::Soft(e.to_string());
-    let mut control = ctx.net.streams();
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(20),
-        control.open_stream(request.peer, PIECES),
-    )
-    .await
-    .map_err(|_| Failure::Soft("opening the stream timed out".into()))?
-    .map_err(|e| Failure::Soft(e.to_string()))?;
-    write_header(
-        &mut stream,
-        &PieceRequest {
-            manifest_id: partial.id,
-            first: request.first,
-            count: request.count,
-        },
-    )
-    .await
-    .map_err(soft)?;
-    let header: PieceResponseHeader = timeout(read_header(&mut stream)).await?.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::InvalidData {
-            Failure::Bad(e.to_string())
-        } else {
-            soft(e)
-        }
-    })?;
+    let req = PieceRequest {
+        manifest_id: partial.id,
+        first: request.first,
+        count: request.count,
+    };
+    let (mut stream, header) = ask(ctx, request.peer, &req).await?;
     if header.status != PieceStatus::Ok {
+        // The exchange is complete: the stream can carry the next request.
+        ctx.streams.put(request.peer, stream);
         return Err(match header.status {
             PieceStatus::Busy => Failure::Busy,
             other => Failure::Soft(format!("peer answered {other:?}")),
@@ -748,8 +736,52 @@ async fn fetch_span_inner(
             return Err(Failure::Soft("stopped after a failed piece".into()));
         }
     }
-    let _ = stream.close().await;
+    ctx.streams.put(request.peer, stream);
     Ok(())
+}
+
+/// Sends `req` to `peer` and reads the answer's header: on a kept stream if there is one (and
+/// once more on a new stream if the peer had closed it), else on a new stream.
+async fn ask(
+    ctx: &DownloadContext,
+    peer: PeerId,
+    req: &PieceRequest,
+) -> Result<(libp2p::Stream, PieceResponseHeader), Failure> {
+    if let Some(mut stream) = ctx.streams.take(&peer) {
+        match exchange(&mut stream, req).await {
+            Ok(header) => return Ok((stream, header)),
+            Err(Failure::Soft(e)) => {
+                tracing::trace!(%peer, error = %e, "a kept piece stream was closed: opening one");
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(20),
+        ctx.net.streams().open_stream(peer, PIECES),
+    )
+    .await
+    .map_err(|_| Failure::Soft("opening the stream timed out".into()))?
+    .map_err(|e| Failure::Soft(e.to_string()))?;
+    let header = exchange(&mut stream, req).await?;
+    Ok((stream, header))
+}
+
+/// Writes a request and reads its answer's header.
+async fn exchange(
+    stream: &mut libp2p::Stream,
+    req: &PieceRequest,
+) -> Result<PieceResponseHeader, Failure> {
+    write_header(stream, req)
+        .await
+        .map_err(|e| Failure::Soft(e.to_string()))?;
+    timeout(read_header(stream)).await?.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Failure::Bad(e.to_string())
+        } else {
+            Failure::Soft(e.to_string())
+        }
+    })
 }
 
 #[cfg(test)]

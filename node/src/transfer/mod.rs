@@ -4,4 +4,5 @@
 pub mod download;
 pub mod haves;
 pub mod ratelimit;
+pub mod stream_pool;
 pub mod upload;

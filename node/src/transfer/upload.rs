@@ -1,17 +1,18 @@
-//! Serving pieces: one task accepts piece streams; each stream is served in its own task.
+//! Serving pieces: one task accepts piece streams; each stream is served in its own task, one
+//! request after another until the requester closes it (see [`crate::transfer::stream_pool`]).
 //!
-//! A fixed number of upload slots (a semaphore) bounds concurrent uploads; a stream that finds
-//! no free slot is answered "busy" at once so the requester asks elsewhere. Pieces are read with
-//! positioned reads, a few at a time ([`READ_BATCH_BYTES`]), each already behind its frame header
-//! so it leaves in one write, and pass the node's upload rate limiter; an image is never in
-//! memory. For a version this node published, the super-seeding policy decides which pieces
+//! A fixed number of upload slots (a semaphore) bounds concurrent uploads; a request that finds
+//! no free slot is answered "busy" at once so the requester asks elsewhere. Pieces are read
+//! with positioned reads, a few at a time ([`READ_BATCH_BYTES`]), each already behind its frame
+//! header so it leaves in one write, and pass the node's upload rate limiter; an image is never
+//! in memory. For a version this node published, the super-seeding policy decides which pieces
 //! leave. Not here: deciding what to download, or the swarm itself.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 use imiswarm_protocol::superseed::Admission;
 use imiswarm_protocol::wire::{
     PieceEncoding, PieceFrame, PieceRequest, PieceResponseHeader, PieceStatus,
@@ -23,8 +24,9 @@ use crate::library::{Held, Library};
 use crate::net::PIECES;
 use crate::net::codec::{encode_header, read_header, write_header};
 use crate::transfer::ratelimit::RateLimiter;
+use crate::transfer::stream_pool::SERVER_IDLE;
 
-/// How long a requester may take to send its request.
+/// How long a requester may take to send its first request on a new stream.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// Most piece bytes read per trip to the blocking pool (at least one piece): a span of small
 /// pieces costs one hand-off, not one per piece, and a slot holds at most this much.
@@ -67,10 +69,39 @@ impl Uploader {
         Ok(())
     }
 
-    async fn serve(&self, peer: PeerId, mut stream: libp2p::Stream) -> std::io::Result<()> {
-        let req: PieceRequest = tokio::time::timeout(REQUEST_DEADLINE, read_header(&mut stream))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    /// Serves requests on one stream, one after the other, until the requester closes it or
+    /// sends nothing for [`SERVER_IDLE`] (see [`crate::transfer::stream_pool`]).
+    async fn serve<S>(&self, peer: PeerId, mut stream: S) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut deadline = REQUEST_DEADLINE;
+        loop {
+            let req: PieceRequest =
+                match tokio::time::timeout(deadline, read_header(&mut stream)).await {
+                    Ok(Ok(req)) => req,
+                    // The requester is done with the stream.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) if deadline == SERVER_IDLE => break,
+                    Err(_) => return Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                };
+            self.serve_request(peer, &mut stream, req).await?;
+            deadline = SERVER_IDLE;
+        }
+        stream.close().await
+    }
+
+    /// Answers one request: its header, then the pieces admitted.
+    async fn serve_request<S>(
+        &self,
+        peer: PeerId,
+        stream: &mut S,
+        req: PieceRequest,
+    ) -> std::io::Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
         let permit = self.slots.clone().try_acquire_owned().ok();
         let (status, count) = match (self.library.get(&req.manifest_id), &permit) {
             (None, _) => (PieceStatus::UnknownVersion, req.count),
@@ -82,7 +113,7 @@ impl Uploader {
             tracing::debug!(%peer, first = req.first, count = req.count, ?status, "piece request not served");
         }
         write_header(
-            &mut stream,
+            stream,
             &PieceResponseHeader {
                 status,
                 first: req.first,
@@ -97,7 +128,7 @@ impl Uploader {
             let end = req.first + count;
             let mut next = req.first;
             while next < end {
-                let sent = self.send_batch(&held, next, end, &mut stream).await;
+                let sent = self.send_batch(&held, next, end, stream).await;
                 next += sent.as_ref().map_or_else(|(n, _)| *n, |n| *n);
                 if let Err((_, e)) = sent {
                     // Pieces not sent count as not sent for super-seeding.
@@ -109,17 +140,18 @@ impl Uploader {
             }
             tracing::trace!(%peer, first = req.first, count, "span served");
         }
-        stream.close().await
+        // The answer leaves now, not when the next one fills the buffer.
+        stream.flush().await
     }
 
     /// Reads pieces from `first` on (up to [`READ_BATCH_BYTES`], before `end`) and sends them;
     /// returns how many were sent, also on error.
-    async fn send_batch(
+    async fn send_batch<S: AsyncWrite + Unpin>(
         &self,
         held: &Held,
         first: u32,
         end: u32,
-        stream: &mut libp2p::Stream,
+        stream: &mut S,
     ) -> Result<u32, (u32, std::io::Error)> {
         let source = held.clone();
         let corrupt = self.corrupt;
@@ -197,4 +229,83 @@ fn read_frames(
         frames.push((len as usize, frame));
     }
     Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::AsyncReadExt;
+    use imiswarm_protocol::manifest::ManifestBuilder;
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    use crate::net::codec::read_header;
+    use crate::store::CompleteVersion;
+
+    const PS: u32 = 64 * 1024;
+
+    /// Several requests on one stream are answered in order, and the stream ends cleanly
+    /// when the requester closes it (keep-alive, see `stream_pool`).
+    #[tokio::test]
+    async fn one_stream_carries_several_requests() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk: Vec<u8> = (0..PS as usize * 3).map(|i| (i % 253) as u8 + 1).collect();
+        std::fs::write(tmp.path().join("disk.img"), &disk).unwrap();
+        let mut b = ManifestBuilder::new("lab", 1, PS).unwrap();
+        b.add_file("disk.img", 0o644, disk.len() as u64, &disk[..], &mut |_| {})
+            .unwrap();
+        let version = Arc::new(CompleteVersion::open(tmp.path(), b.finish().unwrap()).unwrap());
+        let id = version.id;
+        let library = Arc::new(Library::default());
+        library.add_complete(version);
+        let uploader = Uploader {
+            library,
+            limiter: Arc::new(RateLimiter::new(None)),
+            stats: Arc::default(),
+            slots: Arc::new(Semaphore::new(2)),
+            corrupt: false,
+        };
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let stats = uploader.stats.clone();
+        let server =
+            tokio::spawn(async move { uploader.serve(PeerId::random(), theirs.compat()).await });
+
+        let mut stream = ours.compat();
+        for (first, count) in [(2, 1), (0, 2)] {
+            let req = PieceRequest {
+                manifest_id: id,
+                first,
+                count,
+            };
+            write_header(&mut stream, &req).await.unwrap();
+            let header: PieceResponseHeader = read_header(&mut stream).await.unwrap();
+            assert_eq!(header.status, PieceStatus::Ok);
+            assert_eq!((header.first, header.count), (first, count));
+            for index in first..first + count {
+                let frame: PieceFrame = read_header(&mut stream).await.unwrap();
+                assert_eq!((frame.index, frame.len), (index, PS));
+                let mut bytes = vec![0; PS as usize];
+                stream.read_exact(&mut bytes).await.unwrap();
+                let at = index as usize * PS as usize;
+                assert!(bytes == disk[at..at + PS as usize], "piece {index} altered");
+            }
+        }
+        // An unknown version is answered, and the stream still serves.
+        let unknown = PieceRequest {
+            manifest_id: imiswarm_protocol::hash::Hash::of(b"other"),
+            first: 0,
+            count: 1,
+        };
+        write_header(&mut stream, &unknown).await.unwrap();
+        let header: PieceResponseHeader = read_header(&mut stream).await.unwrap();
+        assert_eq!(header.status, PieceStatus::UnknownVersion);
+
+        stream.close().await.unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the uploader ends with the stream")
+            .unwrap();
+        assert!(served.is_ok(), "{served:?}");
+        assert_eq!(stats.spans.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.pieces.load(Ordering::Relaxed), 3);
+    }
 }
