@@ -458,6 +458,7 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
         pending: HashMap::new(),
         peers: HashMap::new(),
         connections: HashMap::new(),
+        bootstrap_peers: HashMap::new(),
         listen_addrs: Vec::new(),
         bans: Vec::new(),
         listening: None,
@@ -481,6 +482,8 @@ struct SwarmTask {
     topic: gossipsub::IdentTopic,
     trusted: TrustedKeys,
     bootstrap: Vec<Multiaddr>,
+    /// The peer a dial reached, for bootstrap addresses that name none (`/ip4/../tcp/..`).
+    bootstrap_peers: HashMap<Multiaddr, PeerId>,
     events: mpsc::Sender<NetEvent>,
     pending: HashMap<
         request_response::OutboundRequestId,
@@ -537,14 +540,11 @@ impl SwarmTask {
         if kad_due && self.swarm.behaviour_mut().kad.bootstrap().is_ok() {
             self.kad_bootstrapped = Some(now);
         }
-        for addr in self.bootstrap.clone() {
-            let connected = match addr.iter().last() {
-                Some(Protocol::P2p(peer)) => self.swarm.is_connected(&peer),
-                _ => false,
-            };
-            if !connected {
-                let _ = self.swarm.dial(dial_opts(addr));
-            }
+        let due = bootstrap_due(&self.bootstrap, &self.bootstrap_peers, |peer| {
+            self.swarm.is_connected(peer)
+        });
+        for addr in due {
+            let _ = self.swarm.dial(dial_opts(addr));
         }
     }
 
@@ -677,9 +677,20 @@ impl SwarmTask {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,
+                endpoint,
                 ..
             } => {
                 self.connections.insert(peer_id, num_established.get());
+                if let libp2p::core::ConnectedPoint::Dialer { address, .. } = endpoint {
+                    // The address as dialled, which may have gained the peer's id.
+                    let mut dialled = address;
+                    if matches!(dialled.iter().last(), Some(Protocol::P2p(_))) {
+                        dialled.pop();
+                    }
+                    if self.bootstrap.contains(&dialled) {
+                        self.bootstrap_peers.insert(dialled, peer_id);
+                    }
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -935,9 +946,57 @@ pub fn keypair_from_seed(seed: [u8; 32]) -> identity::Keypair {
     identity::Keypair::ed25519_from_bytes(seed).expect("a 32-byte seed is a valid ed25519 key")
 }
 
+/// The bootstrap addresses to dial now: those whose peer, named in the address or reached by
+/// an earlier dial to it, is not connected. Without the second, an address that names no peer
+/// would get a new connection at every redial round while the first is alive.
+fn bootstrap_due(
+    bootstrap: &[Multiaddr],
+    learned: &HashMap<Multiaddr, PeerId>,
+    is_connected: impl Fn(&PeerId) -> bool,
+) -> Vec<Multiaddr> {
+    bootstrap
+        .iter()
+        .filter(|addr| {
+            let peer = match addr.iter().last() {
+                Some(Protocol::P2p(peer)) => Some(peer),
+                _ => learned.get(*addr).copied(),
+            };
+            !peer.is_some_and(|p| is_connected(&p))
+        })
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bootstrap_address_is_redialled_only_while_its_peer_is_away() {
+        let named_peer = PeerId::random();
+        let reached = PeerId::random();
+        let named: Multiaddr = format!("/ip4/10.0.0.1/tcp/4001/p2p/{named_peer}")
+            .parse()
+            .unwrap();
+        let bare: Multiaddr = "/ip4/10.0.0.2/tcp/4001".parse().unwrap();
+        let never: Multiaddr = "/ip4/10.0.0.3/tcp/4001".parse().unwrap();
+        let bootstrap = [named.clone(), bare.clone(), never.clone()];
+        let learned = HashMap::from([(bare.clone(), reached)]);
+
+        let nobody = bootstrap_due(&bootstrap, &learned, |_| false);
+        assert_eq!(
+            nobody, bootstrap,
+            "nobody connected: every address is dialled"
+        );
+        let everybody = bootstrap_due(&bootstrap, &learned, |_| true);
+        assert_eq!(
+            everybody,
+            std::slice::from_ref(&never),
+            "an address that reached nobody yet is dialled; the others are connected"
+        );
+        let only_reached = bootstrap_due(&bootstrap, &learned, |p| *p == reached);
+        assert_eq!(only_reached, [named, never]);
+    }
 
     #[test]
     fn agent_round_trip() {
