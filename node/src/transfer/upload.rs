@@ -75,19 +75,21 @@ impl Uploader {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut deadline = REQUEST_DEADLINE;
+        let mut kept = false;
         loop {
+            let deadline = if kept { SERVER_IDLE } else { REQUEST_DEADLINE };
             let req: PieceRequest =
                 match tokio::time::timeout(deadline, read_header(&mut stream)).await {
                     Ok(Ok(req)) => req,
                     // The requester is done with the stream.
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                     Ok(Err(e)) => return Err(e),
-                    Err(_) if deadline == SERVER_IDLE => break,
+                    // A kept stream left idle: closed, as the requester expects.
+                    Err(_) if kept => break,
                     Err(_) => return Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
                 };
             self.serve_request(peer, &mut stream, req).await?;
-            deadline = SERVER_IDLE;
+            kept = true;
         }
         stream.close().await
     }
