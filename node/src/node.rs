@@ -127,7 +127,10 @@ struct ActiveDownload {
     progress: watch::Receiver<DownloadProgress>,
     image: String,
     version: u64,
+    /// Peers asked what they hold (the answer may still be on its way).
     queried: HashSet<PeerId>,
+    /// Peers that answered with what they hold.
+    answered: HashSet<PeerId>,
     /// Verified pieces at the last change, and when it changed.
     last_progress: (u32, Instant),
 }
@@ -540,6 +543,7 @@ impl Node {
                 self.ctx.streams.forget(&peer);
                 for d in self.downloads.values_mut() {
                     d.queried.remove(&peer);
+                    d.answered.remove(&peer);
                     let _ = d.events.try_send(DownloadEvent::PeerGone { peer });
                 }
             }
@@ -804,7 +808,8 @@ impl Node {
                     .peers
                     .get(&peer)
                     .map_or_else(|| "unknown".to_owned(), |i| i.site.clone());
-                if let Some(d) = self.downloads.get(&id) {
+                if let Some(d) = self.downloads.get_mut(&id) {
+                    d.answered.insert(peer);
                     let _ = d
                         .events
                         .send(DownloadEvent::Availability {
@@ -894,6 +899,7 @@ impl Node {
                 image: a.image,
                 version: a.version,
                 queried: HashSet::new(),
+                answered: HashSet::new(),
                 last_progress: (0, Instant::now()),
             },
         );
@@ -952,16 +958,33 @@ impl Node {
                 None => ControlResponse::NotFound,
             },
             ControlRequest::Availability { manifest_id } => {
+                // Taken before the download hears of the peer, which then sends it whatever
+                // was verified since.
+                let bitfield = self.library.get(&manifest_id).map(|held| held.bitfield());
                 // A peer that asks is downloading it too: it wants our haves, and we may want
                 // its pieces.
-                if let Some(d) = self.downloads.get(&manifest_id) {
-                    let _ = d.events.try_send(DownloadEvent::Interested { peer });
+                if let Some(d) = self.downloads.get_mut(&manifest_id) {
+                    // A query of ours still on its way may have reached the peer before it
+                    // started this download, and come back "not held" after this: without an
+                    // answer, ask again, or its pieces stay unknown until the download stalls
+                    // (and its site's split of what to bring across is computed without it).
+                    if !d.answered.contains(&peer) {
+                        d.queried.remove(&peer);
+                    }
+                    let told = bitfield.clone().unwrap_or_default();
+                    if d.events
+                        .try_send(DownloadEvent::Interested { peer, told })
+                        .is_err()
+                    {
+                        // Its next query (when it stops making progress) tries again.
+                        tracing::debug!(%peer, "download too busy to note an interested peer");
+                    }
                     self.query_availability(manifest_id, peer);
                 }
-                match self.library.get(&manifest_id) {
-                    Some(held) => ControlResponse::Availability {
+                match bitfield {
+                    Some(bitfield) => ControlResponse::Availability {
                         manifest_id,
-                        bitfield: held.bitfield(),
+                        bitfield,
                     },
                     None => ControlResponse::NotFound,
                 }

@@ -85,6 +85,16 @@ impl Bitfield {
         }
     }
 
+    /// Adds every piece `other` holds. Returns false, changing nothing, when the lengths
+    /// differ (the sets are of different versions).
+    pub fn union_with(&mut self, other: &Bitfield) -> bool {
+        if other.len() != self.len() {
+            return false;
+        }
+        self.bits |= &other.bits;
+        true
+    }
+
     pub fn count_ones(&self) -> u32 {
         self.bits.count_ones() as u32
     }
@@ -161,6 +171,20 @@ impl<'de> Deserialize<'de> for Bitfield {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn union_adds_pieces_of_the_same_length_only() {
+        let mut a = Bitfield::new(10);
+        a.set(1);
+        let mut b = Bitfield::new(10);
+        b.set(9);
+        assert!(a.union_with(&b));
+        assert_eq!(a.iter_ones().collect::<Vec<_>>(), [1, 9]);
+        assert!(!a.union_with(&Bitfield::full(11)), "another version's set");
+        assert_eq!(a.count_ones(), 2);
+        // The padding stays zero: the canonical form survives a union.
+        assert!(Bitfield::from_parts(a.len(), a.as_bytes()).is_ok());
+    }
 
     #[test]
     fn set_get_and_count() {

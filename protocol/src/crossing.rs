@@ -154,6 +154,11 @@ impl Crossing {
         self.owns(piece / GROUP)
     }
 
+    /// Whether a same-site peer is known to hold `piece`.
+    pub fn in_site(&self, piece: PieceIndex) -> bool {
+        self.site.get(piece)
+    }
+
     /// A remote peer's availability as the scheduler should see it: only pieces that may cross.
     pub fn mask(&self, held: &Bitfield) -> Bitfield {
         if self.open {
