@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use imiswarm_protocol::bitfield::Bitfield;
 use imiswarm_protocol::hash::Hash;
@@ -27,11 +28,16 @@ impl Held {
         }
     }
 
-    /// Appends `piece` to `out`.
-    pub fn read_piece_into(&self, piece: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    /// Reads `piece` into `out[at..]`, sizing `out` to end with it; bytes before `at` are kept.
+    pub fn read_piece_at(
+        &self,
+        piece: PieceIndex,
+        out: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<(), StoreError> {
         match self {
-            Self::Complete(c) => c.read_piece_into(piece, out),
-            Self::Partial(p) => p.read_piece_into(piece, out),
+            Self::Complete(c) => c.read_piece_at(piece, out, at),
+            Self::Partial(p) => p.read_piece_at(piece, out, at),
         }
     }
 
@@ -146,10 +152,10 @@ impl Library {
         }
     }
 
-    /// For an origin version, whether to serve `piece` now; other versions always serve.
-    pub fn admit(&self, id: &Hash, piece: PieceIndex) -> Admission {
+    /// For an origin version, whether to serve `piece` at `now`; other versions always serve.
+    pub fn admit(&self, id: &Hash, piece: PieceIndex, now: Instant) -> Admission {
         match self.write().origin.get_mut(id) {
-            Some(policy) => policy.admit(piece, std::time::Instant::now()),
+            Some(policy) => policy.admit(piece, now),
             None => Admission::Serve,
         }
     }
@@ -159,10 +165,10 @@ impl Library {
         self.read().origin.get(id).map(SuperSeed::first_pass_left)
     }
 
-    /// An admitted origin upload broke off.
-    pub fn aborted(&self, id: &Hash, piece: PieceIndex) {
+    /// The origin upload of `piece` admitted at `admitted_at` broke off.
+    pub fn aborted(&self, id: &Hash, piece: PieceIndex, admitted_at: Instant) {
         if let Some(policy) = self.write().origin.get_mut(id) {
-            policy.on_aborted(piece);
+            policy.on_aborted(piece, admitted_at);
         }
     }
 

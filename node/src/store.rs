@@ -152,22 +152,24 @@ fn open_files(dir: &Path, manifest: &Manifest, write: bool) -> Result<Vec<File>,
         .collect()
 }
 
-/// Reads piece `index` of `manifest` from `files` into a new buffer.
-/// Appends piece `index` to `out` (a piece is sent right after its frame header, so the
-/// uploader reads it into the buffer that already holds the header: one write, no copy).
+/// Reads piece `index` of `manifest` from `files` into `out[at..]`, and sizes `out` to end
+/// with it; the bytes before `at` are kept. A piece is sent right after its frame header, so
+/// the uploader reads it into the buffer behind the header: one write, no copy. Only bytes
+/// beyond `out`'s old length are zeroed first, so a buffer reused for pieces of one size costs
+/// no zeroing after its first piece.
 fn read_into(
     files: &[File],
     manifest: &Manifest,
     layout: &Layout,
     index: PieceIndex,
     out: &mut Vec<u8>,
+    at: usize,
 ) -> Result<(), StoreError> {
     let loc = layout.locate(index).ok_or(StoreError::NoSuchPiece(index))?;
-    let start = out.len();
-    out.resize(start + loc.len as usize, 0);
-    let read = files[loc.file].read_exact_at(&mut out[start..], loc.offset);
+    out.resize(at + loc.len as usize, 0);
+    let read = files[loc.file].read_exact_at(&mut out[at..], loc.offset);
     if let Err(e) = read {
-        out.truncate(start);
+        out.truncate(at);
         return Err(io(Path::new(&manifest.files[loc.file].path))(e));
     }
     Ok(())
@@ -202,13 +204,18 @@ impl CompleteVersion {
 
     pub fn read_piece(&self, index: PieceIndex) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::new();
-        self.read_piece_into(index, &mut out)?;
+        self.read_piece_at(index, &mut out, 0)?;
         Ok(out)
     }
 
-    /// Appends piece `index` to `out`.
-    pub fn read_piece_into(&self, index: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
-        read_into(&self.files, &self.manifest, &self.layout, index, out)
+    /// Reads piece `index` into `out[at..]` (see [`read_into`]).
+    pub fn read_piece_at(
+        &self,
+        index: PieceIndex,
+        out: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<(), StoreError> {
+        read_into(&self.files, &self.manifest, &self.layout, index, out, at)
     }
 
     pub fn layout(&self) -> &Layout {
@@ -357,12 +364,18 @@ impl PartialVersion {
         Ok(new)
     }
 
-    /// Appends verified piece `index` to `out` (for serving it to others while downloading).
-    pub fn read_piece_into(&self, index: PieceIndex, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    /// Reads verified piece `index` into `out[at..]` (for serving it to others while
+    /// downloading; see [`read_into`]).
+    pub fn read_piece_at(
+        &self,
+        index: PieceIndex,
+        out: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<(), StoreError> {
         if !self.is_verified(index) {
             return Err(StoreError::NotHeld(index));
         }
-        read_into(&self.files, &self.manifest, &self.layout, index, out)
+        read_into(&self.files, &self.manifest, &self.layout, index, out, at)
     }
 
     /// Makes the verified set durable: sync data, then atomically replace the progress file.

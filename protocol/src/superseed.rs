@@ -8,7 +8,9 @@
 //! first pass the origin serves anything, so no piece is ever stuck.
 //!
 //! Non-goals: it does not know peers and does no I/O or clock reads; the node asks it before
-//! each upload, with `now`, and tells it when an upload was cut off before the piece arrived.
+//! each upload, with `now`, and tells it when an upload was cut off before the piece arrived,
+//! with the time it was admitted (which names the admission: one piece is admitted at most once
+//! per `hold`).
 
 use std::time::{Duration, Instant};
 
@@ -31,8 +33,9 @@ pub enum Admission {
 #[derive(Clone, Debug)]
 pub struct SuperSeed {
     sent: Bitfield,
-    /// When each piece last left the origin during the first pass.
-    sent_at: Vec<Option<Instant>>,
+    /// When each piece was last admitted during the first pass, and whether that admission
+    /// was its first (the one that counted it as sent).
+    sent_at: Vec<Option<(Instant, bool)>>,
     /// Pieces that still have to leave once (never-travelling pieces are not counted).
     first_pass_left: u32,
     hold: Duration,
@@ -64,24 +67,39 @@ impl SuperSeed {
         let slot = &mut self.sent_at[piece as usize];
         if self.sent.set(piece) {
             self.first_pass_left -= 1;
-            *slot = Some(now);
+            *slot = Some((now, true));
             return Admission::Serve;
         }
         match *slot {
-            Some(at) if now.saturating_duration_since(at) < self.hold => Admission::Decline,
+            Some((at, _)) if now.saturating_duration_since(at) < self.hold => Admission::Decline,
             _ => {
-                *slot = Some(now);
+                *slot = Some((now, false));
                 Admission::Serve
             }
         }
     }
 
-    /// An admitted upload broke off before the receiver had the piece: it counts as unsent.
-    pub fn on_aborted(&mut self, piece: PieceIndex) {
-        if self.first_pass_left > 0 && self.sent.get(piece) {
-            self.sent.clear(piece);
-            self.sent_at[piece as usize] = None;
-            self.first_pass_left += 1;
+    /// The upload admitted at `admitted_at` broke off before the receiver had the piece.
+    ///
+    /// Only that admission is undone. If it was the piece's first, the piece counts as unsent
+    /// again. If it was a later copy (the hold had passed), the first still counts, and the
+    /// next request is served at once. If the piece was admitted again since, the newer copy
+    /// stands: undoing the first pass for an old copy would send the piece once more.
+    pub fn on_aborted(&mut self, piece: PieceIndex, admitted_at: Instant) {
+        if self.first_pass_left == 0 {
+            return;
+        }
+        let Some(slot) = self.sent_at.get_mut(piece as usize) else {
+            return;
+        };
+        match *slot {
+            Some((at, true)) if at == admitted_at => {
+                self.sent.clear(piece);
+                *slot = None;
+                self.first_pass_left += 1;
+            }
+            Some((at, false)) if at == admitted_at => *slot = None,
+            _ => {}
         }
     }
 
@@ -110,7 +128,7 @@ mod tests {
         assert_eq!(s.admit(0, t0), Admission::Decline, "second copy waits");
         assert_eq!(s.admit(1, t0), Admission::Serve);
         assert_eq!(s.admit(9, t0), Admission::Decline, "out of range");
-        s.on_aborted(1);
+        s.on_aborted(1, t0);
         assert_eq!(
             s.admit(1, t0),
             Admission::Serve,
@@ -120,7 +138,8 @@ mod tests {
         assert_eq!(s.admit(3, t0), Admission::Serve);
         assert!(s.first_pass_done());
         assert_eq!(s.admit(0, t0), Admission::Serve);
-        s.on_aborted(0);
+        s.on_aborted(0, t0);
+        s.on_aborted(9, t0);
         assert!(
             s.first_pass_done(),
             "after the first pass nothing is re-counted"
@@ -143,5 +162,29 @@ mod tests {
             "and held again"
         );
         assert!(!s.first_pass_done());
+    }
+
+    #[test]
+    fn an_aborted_upload_undoes_only_its_own_admission() {
+        let t0 = Instant::now();
+        let hold = DEFAULT_HOLD;
+        let mut s = SuperSeed::new(&Bitfield::full(3), hold);
+        assert_eq!(s.admit(0, t0), Admission::Serve);
+        // Served again once the hold passed; then the first copy's upload reports it broke
+        // off late (an endgame duplicate stopped by its receiver): the second copy stands.
+        assert_eq!(s.admit(0, t0 + hold), Admission::Serve);
+        s.on_aborted(0, t0);
+        assert_eq!(s.first_pass_left(), 2, "piece 0 still counts as sent");
+        assert_eq!(s.admit(0, t0 + hold), Admission::Decline, "and is held");
+        // The second copy breaking off frees the next request, still without re-counting.
+        s.on_aborted(0, t0 + hold);
+        assert_eq!(s.first_pass_left(), 2);
+        assert_eq!(s.admit(0, t0 + hold), Admission::Serve);
+        // A first admission undone by its own abort counts as unsent again.
+        assert_eq!(s.admit(1, t0), Admission::Serve);
+        s.on_aborted(1, t0);
+        assert_eq!(s.first_pass_left(), 2);
+        assert_eq!(s.admit(1, t0), Admission::Serve);
+        assert_eq!(s.first_pass_left(), 1);
     }
 }

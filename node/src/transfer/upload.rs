@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 use imiswarm_protocol::superseed::Admission;
@@ -31,6 +31,8 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// Most piece bytes read per trip to the blocking pool (at least one piece): a span of small
 /// pieces costs one hand-off, not one per piece, and a slot holds at most this much.
 const READ_BATCH_BYTES: u64 = 512 * 1024;
+/// Most frame buffers a stream keeps for its next batch (a batch of 64 KiB pieces needs 8).
+const SPARE_FRAMES: usize = 8;
 
 /// Counters the status API and metrics read.
 #[derive(Debug, Default)]
@@ -76,6 +78,9 @@ impl Uploader {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut kept = false;
+        // Frame buffers go to the blocking pool with each batch and come back: a piece read
+        // costs no allocation and no zeroing once the stream has served a batch.
+        let mut spare: Vec<Vec<u8>> = Vec::new();
         loop {
             let deadline = if kept { SERVER_IDLE } else { REQUEST_DEADLINE };
             let req: PieceRequest =
@@ -88,7 +93,8 @@ impl Uploader {
                     Err(_) if kept => break,
                     Err(_) => return Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
                 };
-            self.serve_request(peer, &mut stream, req).await?;
+            self.serve_request(peer, &mut stream, req, &mut spare)
+                .await?;
             kept = true;
         }
         stream.close().await
@@ -100,15 +106,18 @@ impl Uploader {
         peer: PeerId,
         stream: &mut S,
         req: PieceRequest,
+        spare: &mut Vec<Vec<u8>>,
     ) -> std::io::Result<()>
     where
         S: AsyncWrite + Unpin,
     {
         let permit = self.slots.clone().try_acquire_owned().ok();
+        // Names this request's admissions, should its upload break off.
+        let admitted_at = Instant::now();
         let (status, count) = match (self.library.get(&req.manifest_id), &permit) {
             (None, _) => (PieceStatus::UnknownVersion, req.count),
             (Some(_), None) => (PieceStatus::Busy, req.count),
-            (Some(held), Some(_)) => self.admitted_span(&held, &req),
+            (Some(held), Some(_)) => self.admitted_span(&held, &req, admitted_at),
         };
         if status != PieceStatus::Ok {
             self.stats.busy.fetch_add(1, Ordering::Relaxed);
@@ -130,12 +139,12 @@ impl Uploader {
             let end = req.first + count;
             let mut next = req.first;
             while next < end {
-                let sent = self.send_batch(&held, next, end, stream).await;
+                let sent = self.send_batch(&held, next, end, stream, spare).await;
                 next += sent.as_ref().map_or_else(|(n, _)| *n, |n| *n);
                 if let Err((_, e)) = sent {
                     // Pieces not sent count as not sent for super-seeding.
                     for unsent in next..end {
-                        self.library.aborted(&req.manifest_id, unsent);
+                        self.library.aborted(&req.manifest_id, unsent, admitted_at);
                     }
                     return Err(e);
                 }
@@ -146,43 +155,55 @@ impl Uploader {
         stream.flush().await
     }
 
-    /// Reads pieces from `first` on (up to [`READ_BATCH_BYTES`], before `end`) and sends them;
-    /// returns how many were sent, also on error.
+    /// Reads pieces from `first` on (up to [`READ_BATCH_BYTES`], before `end`) into buffers
+    /// from `spare` and sends them; returns how many were sent, also on error. The buffers go
+    /// back to `spare`.
     async fn send_batch<S: AsyncWrite + Unpin>(
         &self,
         held: &Held,
         first: u32,
         end: u32,
         stream: &mut S,
+        spare: &mut Vec<Vec<u8>>,
     ) -> Result<u32, (u32, std::io::Error)> {
         let source = held.clone();
         let corrupt = self.corrupt;
-        let frames = tokio::task::spawn_blocking(move || read_frames(&source, first, end, corrupt))
-            .await
-            .map_err(|e| (0, std::io::Error::other(e)))?
-            .map_err(|e| (0, e))?;
+        let buffers = std::mem::take(spare);
+        let frames =
+            tokio::task::spawn_blocking(move || read_frames(&source, first, end, corrupt, buffers))
+                .await
+                .map_err(|e| (0, std::io::Error::other(e)))?
+                .map_err(|e| (0, e))?;
         let mut sent = 0;
+        let mut result = Ok(());
         for (piece_len, frame) in frames {
-            self.limiter.take(piece_len).await;
-            stream.write_all(&frame).await.map_err(|e| (sent, e))?;
-            self.stats
-                .bytes
-                .fetch_add(piece_len as u64, Ordering::Relaxed);
-            self.stats.pieces.fetch_add(1, Ordering::Relaxed);
-            sent += 1;
+            if result.is_ok() {
+                self.limiter.take(piece_len).await;
+                result = stream.write_all(&frame).await;
+                if result.is_ok() {
+                    self.stats
+                        .bytes
+                        .fetch_add(piece_len as u64, Ordering::Relaxed);
+                    self.stats.pieces.fetch_add(1, Ordering::Relaxed);
+                    sent += 1;
+                }
+            }
+            if spare.len() < SPARE_FRAMES {
+                spare.push(frame);
+            }
         }
-        Ok(sent)
+        result.map(|()| sent).map_err(|e| (sent, e))
     }
 
     /// How much of the requested span can be served: the held prefix, cut at the first piece
     /// the origin's super-seeding declines.
-    fn admitted_span(&self, held: &Held, req: &PieceRequest) -> (PieceStatus, u32) {
+    fn admitted_span(&self, held: &Held, req: &PieceRequest, now: Instant) -> (PieceStatus, u32) {
         let mut count = 0;
         for index in req.first..req.first.saturating_add(req.count) {
             if !held.has(index) {
                 break;
             }
-            if self.library.admit(&req.manifest_id, index) == Admission::Decline {
+            if self.library.admit(&req.manifest_id, index, now) == Admission::Decline {
                 break;
             }
             count += 1;
@@ -196,14 +217,17 @@ impl Uploader {
 }
 
 /// Reads pieces `first..end` until [`READ_BATCH_BYTES`] are read (at least one piece), each
-/// behind its frame header: `(piece length, frame)`. Blocking.
+/// behind its frame header: `(piece length, frame)`. Frames reuse the buffers of `spare`
+/// first. Blocking.
 fn read_frames(
     held: &Held,
     first: u32,
     end: u32,
     corrupt: bool,
+    mut spare: Vec<Vec<u8>>,
 ) -> std::io::Result<Vec<(usize, Vec<u8>)>> {
     let mut frames = Vec::new();
+    let mut header = Vec::with_capacity(32);
     let mut bytes = 0u64;
     for index in first..end {
         let len = held
@@ -212,18 +236,21 @@ fn read_frames(
         if !frames.is_empty() && bytes + u64::from(len) > READ_BATCH_BYTES {
             break;
         }
-        let mut frame = Vec::with_capacity(len as usize + 32);
+        header.clear();
         encode_header(
             &PieceFrame {
                 index,
                 encoding: PieceEncoding::Raw,
                 len,
             },
-            &mut frame,
+            &mut header,
         )?;
-        let header_len = frame.len();
-        held.read_piece_into(index, &mut frame)
+        let header_len = header.len();
+        // Not cleared: the piece overwrites the old bytes, and only growth is zeroed.
+        let mut frame = spare.pop().unwrap_or_default();
+        held.read_piece_at(index, &mut frame, header_len)
             .map_err(std::io::Error::other)?;
+        frame[..header_len].copy_from_slice(&header);
         if corrupt && let Some(b) = frame.get_mut(header_len) {
             *b ^= 0xff;
         }
