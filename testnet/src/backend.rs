@@ -87,6 +87,13 @@ pub fn unavailable(kind: BackendKind) -> Option<String> {
     }
 }
 
+/// The nodes' log filter: `IMISWARM_TESTNET_NODE_LOG` if set (for example
+/// `info,imiswarm_node::transfer=debug` to follow every piece request), else `info`. The
+/// report reads what the nodes log at info, so a filter should keep that.
+fn node_log_filter() -> String {
+    std::env::var("IMISWARM_TESTNET_NODE_LOG").unwrap_or_else(|_| "info".into())
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -200,7 +207,7 @@ impl Backend {
                     .arg("node")
                     .args(["--log-format", "json"])
                     .args(args)
-                    .env("IMISWARM_LOG", "info")
+                    .env("IMISWARM_LOG", node_log_filter())
                     .env_remove("IMISWARM_REPO")
                     .env_remove("IMISWARM_CONFIG")
                     .stdin(Stdio::null())
@@ -420,7 +427,7 @@ impl Docker {
             "-v",
             &mount,
             "-e",
-            "IMISWARM_LOG=info",
+            &format!("IMISWARM_LOG={}", node_log_filter()),
             &self.image,
             "--log-format",
             "json",
