@@ -272,10 +272,10 @@ impl Backend {
         }
     }
 
-    /// Cuts (or restores) the links of nodes `which`.
+    /// Cuts (or restores) the link between nodes `which` (a site) and all other nodes.
     pub fn set_links(&self, which: &[usize], up: bool) -> anyhow::Result<()> {
         match (&self.lab, &self.docker) {
-            (Some(lab), _) => which.iter().try_for_each(|&i| lab.set_link(i, up)),
+            (Some(lab), _) => lab.set_site_link(which, up),
             (_, Some(docker)) => which.iter().try_for_each(|&i| docker.set_wan(i, up)),
             _ => bail!("the process backend cannot cut links (use netns or docker)"),
         }

@@ -10,6 +10,9 @@
 //! firewall can silently drop bridged traffic. A host's upload rate shapes its own end of the
 //! veth (tc tbf), its download rate the bridge's end; latency is tc netem on the host's end when
 //! the kernel has netem, and is left out otherwise ([`Lab::netem`] says which, for the report).
+//! A site's link to the rest is cut by a bridge filter (nftables, in the bridge's namespace)
+//! that drops what crosses between its hosts' ports and the others ([`Lab::set_site_link`]):
+//! they still reach each other, and nothing else reaches them.
 //!
 //! Owns the namespaces, links and qdiscs it creates, and deletes them on drop (deleting a
 //! namespace deletes its veth ends). Namespaces left by a killed run are swept at the next
@@ -44,7 +47,17 @@ pub struct Host {
 pub struct Lab {
     name: String,
     hosts: Vec<Host>,
+    /// Each host's port on the bridge (in the bridge's namespace).
+    ports: Vec<String>,
     netem: bool,
+    /// For each host, the cut it is behind (hosts cut together reach each other), if any.
+    cuts: std::sync::Mutex<Cuts>,
+}
+
+#[derive(Debug, Default)]
+struct Cuts {
+    of_host: Vec<Option<u32>>,
+    next: u32,
 }
 
 const NAME_PREFIX: &str = "imisw";
@@ -61,7 +74,10 @@ pub fn unavailable() -> Option<String> {
     if Command::new("tc").arg("-V").output().is_err() {
         return Some("iproute2's `tc` is not installed".into());
     }
-    let probe = format!("{NAME_PREFIX}-probe-{}", std::process::id());
+    // Tests call this from several threads of one process: each probe needs its own name.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("{NAME_PREFIX}-probe-{}-{n}", std::process::id());
     if run("ip", &["netns", "add", &probe]).is_err() {
         return Some("cannot create a network namespace here".into());
     }
@@ -145,7 +161,9 @@ impl Lab {
         let mut lab = Self {
             name,
             hosts: Vec::new(),
+            ports: Vec::new(),
             netem: false,
+            cuts: std::sync::Mutex::new(Cuts::default()),
         };
         // On any error, drop deletes what was made so far.
         let bridge = lab.bridge_ns();
@@ -192,6 +210,12 @@ impl Lab {
         )?;
         in_ns(&bridge, "ip", &["link", "set", &port, "master", "br0"])?;
         in_ns(&bridge, "ip", &["link", "set", &port, "up"])?;
+        self.ports.push(port.clone());
+        self.cuts
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .of_host
+            .push(None);
         in_ns(
             &ns,
             "ip",
@@ -253,14 +277,77 @@ impl Lab {
         c
     }
 
-    /// Cuts (or restores) host `i`'s link: its interface goes down (or up).
-    pub fn set_link(&self, i: usize, up: bool) -> anyhow::Result<()> {
-        in_ns(
-            &self.hosts[i].ns,
-            "ip",
-            &["link", "set", "eth0", if up { "up" } else { "down" }],
-        )
+    /// Cuts (or restores) the link between the hosts `site` and every other host: while cut,
+    /// they still reach each other (a site's LAN) and nothing else; restored, everyone again.
+    /// Out-of-range hosts are an error; needs nftables (`nft`).
+    pub fn set_site_link(&self, site: &[usize], up: bool) -> anyhow::Result<()> {
+        if let Some(&bad) = site.iter().find(|&&i| i >= self.hosts.len()) {
+            bail!("no host {bad} in a lab of {}", self.hosts.len());
+        }
+        let mut cuts = self.cuts.lock().unwrap_or_else(|e| e.into_inner());
+        let cut = (!up).then(|| {
+            cuts.next += 1;
+            cuts.next
+        });
+        for &i in site {
+            cuts.of_host[i] = cut;
+        }
+        let ruleset = cut_ruleset(&self.ports, &cuts.of_host);
+        apply_ruleset(&self.bridge_ns(), &ruleset)
     }
+}
+
+/// The bridge filter for `cut_of` (each port's cut, if any): frames between a cut's ports and
+/// any other port are dropped, both ways; a host behind no cut reaches all others not behind
+/// one. The whole table is rebuilt each time, and `nft -f` swaps it in at once.
+fn cut_ruleset(ports: &[String], cut_of: &[Option<u32>]) -> String {
+    let mut groups: std::collections::BTreeMap<u32, Vec<&str>> = Default::default();
+    for (port, cut) in ports.iter().zip(cut_of) {
+        if let Some(cut) = cut {
+            groups.entry(*cut).or_default().push(port);
+        }
+    }
+    let mut rules = String::new();
+    for members in groups.values() {
+        let set = members
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        rules += &format!("    iifname {{ {set} }} oifname != {{ {set} }} drop\n");
+        rules += &format!("    oifname {{ {set} }} iifname != {{ {set} }} drop\n");
+    }
+    // Adding the table first makes the delete succeed whether or not it existed.
+    format!(
+        "table bridge {CUT_TABLE}\ndelete table bridge {CUT_TABLE}\ntable bridge {CUT_TABLE} {{\n  \
+         chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
+    )
+}
+
+const CUT_TABLE: &str = "imiswarm_cuts";
+
+fn apply_ruleset(ns: &str, ruleset: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (cutting a site's link needs nftables)")?;
+    child
+        .stdin
+        .take()
+        .context("nft's stdin")?
+        .write_all(ruleset.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft -f: {}\n{ruleset}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Whether tc netem works here, probed on a throwaway dummy interface in `ns`.

@@ -120,3 +120,59 @@ fn nodes_on_a_lan_find_each_other_by_mdns_alone() {
         );
     }
 }
+
+/// Whether a TCP connection from host `from` to port 4500 of host `to` opens within 3 s.
+fn reaches(lab: &Lab, from: usize, to: usize) -> bool {
+    let target = format!("exec 3<>/dev/tcp/{}/4500", lab.hosts()[to].ip);
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.hosts()[from].ns])
+        .args(["timeout", "3", "bash", "-c", &target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_cut_site_still_reaches_its_own_hosts_and_nothing_else() {
+    let Some(lab) = lab_or_skip("cut", &[Shape::default(); 3]) else {
+        return;
+    };
+    // Host 0 is the centre; hosts 1 and 2 are the site that is cut off. Each runs a tracker
+    // as something that listens on port 4500.
+    let dir = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    for host in 0..3 {
+        let repo = dir.path().join(format!("t{host}"));
+        let log = dir.path().join(format!("t{host}.log"));
+        let args = [
+            "tracker",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--listen",
+            "/ip4/0.0.0.0/tcp/4500",
+            "--api",
+            "off",
+        ];
+        listeners.push(node(&lab, host, &args, &log));
+        wait_for(
+            &format!("t{host} to listen"),
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening")),
+        );
+    }
+    assert!(reaches(&lab, 1, 0) && reaches(&lab, 0, 2), "before the cut");
+
+    lab.set_site_link(&[1, 2], false).unwrap();
+    assert!(
+        reaches(&lab, 1, 2) && reaches(&lab, 2, 1),
+        "the site's own LAN stays up"
+    );
+    assert!(!reaches(&lab, 1, 0), "the site cannot reach the centre");
+    assert!(!reaches(&lab, 0, 2), "the centre cannot reach the site");
+
+    lab.set_site_link(&[1, 2], true).unwrap();
+    assert!(reaches(&lab, 1, 0) && reaches(&lab, 0, 2), "restored");
+    assert!(lab.set_site_link(&[7], false).is_err(), "no such host");
+    drop(listeners);
+}
