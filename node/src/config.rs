@@ -18,6 +18,7 @@
 //! publisher_key = "/etc/imiswarm/publisher.key"   # only where `seed` runs
 //! mdns = false                            # find peers on the LAN by multicast
 //! database = "/var/lib/imiswarm/tracker.redb"     # only where `tracker` runs
+//! blocklist = "/etc/imiswarm/blocked-peers"      # peer ids to refuse, reread when it changes
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ pub struct ConfigFile {
     pub api: Option<String>,
     pub mdns: Option<bool>,
     pub database: Option<PathBuf>,
+    pub blocklist: Option<PathBuf>,
 }
 
 /// Settings given on the command line (or through `IMISWARM_*` variables); they win over the
@@ -102,6 +104,9 @@ pub struct NodeFlags {
     /// Rewrite this file with the `/status` report (JSON) twice a second.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
+    /// File of peer ids to refuse, one per line; reread whenever it changes.
+    #[arg(long, env = "IMISWARM_BLOCKLIST")]
+    pub blocklist: Option<PathBuf>,
     /// Testing only: flip a byte in every piece served, to exercise other nodes' bans.
     #[arg(long, hide = true)]
     pub corrupt_uploads: bool,
@@ -130,6 +135,8 @@ pub struct NodeConfig {
     pub mdns: bool,
     pub database: Option<PathBuf>,
     pub status_file: Option<PathBuf>,
+    /// Peers to refuse (see [`crate::blocklist`]).
+    pub blocklist: Option<PathBuf>,
     pub corrupt_uploads: bool,
 }
 
@@ -255,6 +262,7 @@ impl NodeFlags {
             mdns: self.mdns || file.mdns.unwrap_or(false),
             database: self.database.clone().or(file.database),
             status_file: self.status_file.clone(),
+            blocklist: self.blocklist.clone().or(file.blocklist),
             corrupt_uploads: self.corrupt_uploads,
         })
     }

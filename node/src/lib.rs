@@ -23,6 +23,7 @@
 //! | [`lease`] | leases that keep a version in use away from retention |
 
 pub mod api;
+pub mod blocklist;
 pub mod cli;
 pub mod commands;
 pub mod config;

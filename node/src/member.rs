@@ -65,6 +65,15 @@ pub async fn start_net(
     role: Role,
     trusted: &TrustedKeys,
 ) -> anyhow::Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
+    // Read before the network starts, so a listed peer is never dialled or accepted.
+    let blocklist = match &config.blocklist {
+        Some(path) => {
+            let list = crate::blocklist::read(path)?;
+            tracing::info!(peers = list.peers.len(), digest = %list.digest, "blocklist applied");
+            Some((path.clone(), list))
+        }
+        None => None,
+    };
     let (net, events) = net::start(NetConfig {
         keypair: node_keypair(config)?,
         listen: config.listen.clone(),
@@ -73,8 +82,15 @@ pub async fn start_net(
         role,
         trusted: trusted.clone(),
         mdns: config.mdns,
+        blocked: blocklist
+            .as_ref()
+            .map(|(_, list)| list.peers.clone())
+            .unwrap_or_default(),
     })
     .await?;
+    if let Some((path, list)) = blocklist {
+        crate::blocklist::spawn_watch(path, net.clone(), list);
+    }
     if let Some(path) = &config.addr_file {
         let text: String = net
             .listen_addrs()

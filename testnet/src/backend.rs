@@ -2,8 +2,8 @@
 //!
 //! | backend | a node is | links enforced by | a link cut |
 //! |---|---|---|---|
-//! | `process` | a process on 127.0.0.1, a port of its own | the node's own rate limiter | not supported |
-//! | `netns` | a process in a namespace of its own on a bridge | the kernel (tc), see [`crate::netns`] | its interface goes down |
+//! | `process` | a process on 127.0.0.1, a port of its own | the node's own rate limiter | each side's blocklist lists the other's peers |
+//! | `netns` | a process in a namespace of its own on a bridge | the kernel (tc), see [`crate::netns`] | the bridge drops frames between the site's ports and the rest |
 //! | `docker` | a container built FROM scratch from our binary, on its site's network and a WAN network (a compose project) | the node's own rate limiter | off the WAN network |
 //!
 //! Every backend runs the same program (this binary's `node` subcommand, which is `imiswarm`)
@@ -39,6 +39,8 @@ pub struct Host {
     pub name: String,
     pub site: String,
     pub shape: Shape,
+    /// The node's peer id (the runner makes every node's key).
+    pub peer_id: String,
 }
 
 #[derive(Debug)]
@@ -55,6 +57,14 @@ pub struct Backend {
     hosts: Vec<Host>,
     /// process: each node's port on loopback.
     ports: Vec<u16>,
+    /// process: the cuts in force, each a group of nodes (a site) cut off from all others.
+    cuts: Vec<Vec<usize>>,
+    /// process: each node's current log, where it confirms the blocklist it applied.
+    logs: Vec<Option<PathBuf>>,
+    /// process: the peers (node indices) on each node's blocklist, and how many lists were
+    /// written (each file names its change, so each has a digest of its own).
+    blocklists: Vec<Vec<usize>>,
+    blocklist_changes: u64,
     lab: Option<Lab>,
     docker: Option<Docker>,
     running: Vec<Option<Running>>,
@@ -117,8 +127,9 @@ impl Backend {
         let mut docker = None;
         match kind {
             BackendKind::Process => {
-                for _ in &hosts {
+                for host in &hosts {
                     ports.push(free_port()?);
+                    write_blocklist(&blocklist_path(workdir, host), 0, &[])?;
                 }
             }
             BackendKind::Netns => {
@@ -130,12 +141,17 @@ impl Backend {
             }
         }
         let running = hosts.iter().map(|_| None).collect();
+        let hosts_empty = hosts.iter().map(|_| Vec::new()).collect();
         Ok(Self {
             kind,
             binary: binary.to_owned(),
             workdir: workdir.to_owned(),
+            logs: hosts.iter().map(|_| None).collect(),
             hosts,
             ports,
+            cuts: Vec::new(),
+            blocklists: hosts_empty,
+            blocklist_changes: 0,
             lab,
             docker,
             running,
@@ -203,10 +219,19 @@ impl Backend {
                     Some(lab) => lab.command(i, &self.binary),
                     None => Command::new(&self.binary),
                 };
-                let child = command
+                command
                     .arg("node")
                     .args(["--log-format", "json"])
-                    .args(args)
+                    .args(args);
+                if self.kind == BackendKind::Process {
+                    // Cuts on loopback are the nodes' own blocklists; a node started during a
+                    // cut reads its list before it dials anyone.
+                    command
+                        .arg("--blocklist")
+                        .arg(blocklist_path(&self.workdir, &self.hosts[i]));
+                    self.logs[i] = Some(log.to_owned());
+                }
+                let child = command
                     .env("IMISWARM_LOG", node_log_filter())
                     .env_remove("IMISWARM_REPO")
                     .env_remove("IMISWARM_CONFIG")
@@ -273,12 +298,60 @@ impl Backend {
     }
 
     /// Cuts (or restores) the link between nodes `which` (a site) and all other nodes.
-    pub fn set_links(&self, which: &[usize], up: bool) -> anyhow::Result<()> {
+    pub fn set_links(&mut self, which: &[usize], up: bool) -> anyhow::Result<()> {
         match (&self.lab, &self.docker) {
             (Some(lab), _) => lab.set_site_link(which, up),
             (_, Some(docker)) => which.iter().try_for_each(|&i| docker.set_wan(i, up)),
-            _ => bail!("the process backend cannot cut links (use netns or docker)"),
+            _ => self.set_blocklists(which, up),
         }
+    }
+
+    /// The process backend's cut: every node's blocklist names the peers on the other side of
+    /// a cut, and the runner goes on once each running node has logged the list it applied.
+    fn set_blocklists(&mut self, which: &[usize], up: bool) -> anyhow::Result<()> {
+        self.cuts
+            .retain(|group| !group.iter().any(|i| which.contains(i)));
+        if !up {
+            self.cuts.push(which.to_vec());
+        }
+        let group_of = |i: usize| self.cuts.iter().position(|g| g.contains(&i));
+        let mut waits = Vec::new();
+        for i in 0..self.hosts.len() {
+            let blocked: Vec<usize> = (0..self.hosts.len())
+                .filter(|&j| {
+                    j != i
+                        && group_of(i) != group_of(j)
+                        && (group_of(i).is_some() || group_of(j).is_some())
+                })
+                .collect();
+            if blocked == self.blocklists[i] {
+                continue;
+            }
+            self.blocklist_changes += 1;
+            let peers: Vec<&str> = blocked
+                .iter()
+                .map(|&j| self.hosts[j].peer_id.as_str())
+                .collect();
+            let path = blocklist_path(&self.workdir, &self.hosts[i]);
+            let digest = write_blocklist(&path, self.blocklist_changes, &peers)?;
+            self.blocklists[i] = blocked;
+            if let (true, Some(log)) = (self.is_running(i), &self.logs[i]) {
+                waits.push((i, log.clone(), digest));
+            }
+        }
+        let deadline = std::time::Instant::now() + BLOCKLIST_APPLIED_WITHIN;
+        for (i, log, digest) in waits {
+            while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains(&digest)) {
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "{} did not apply its blocklist within {BLOCKLIST_APPLIED_WITHIN:?}",
+                        self.hosts[i].name
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -289,6 +362,28 @@ impl Drop for Backend {
         }
         // The lab and the compose project go with their own drops.
     }
+}
+
+/// How long a node may take to notice its new blocklist (it checks every 200 ms).
+const BLOCKLIST_APPLIED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn blocklist_path(workdir: &Path, host: &Host) -> PathBuf {
+    workdir.join(&host.name).join("blocked-peers")
+}
+
+/// Replaces the file in one rename (a node never reads half a list). Returns the digest the
+/// node logs once it applies the list; the change number makes it differ from every earlier
+/// list's, so an old log line is never taken for the new list's.
+fn write_blocklist(path: &Path, change: u64, peers: &[&str]) -> anyhow::Result<String> {
+    let mut text = format!("# imiswarm-testnet, change {change}: the peers across a cut link\n");
+    for peer in peers {
+        text.push_str(peer);
+        text.push('\n');
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(imiswarm_node::blocklist::digest(text.as_bytes()))
 }
 
 /// Where the host's work directory is mounted in every container.

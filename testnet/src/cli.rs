@@ -10,12 +10,13 @@ use crate::runner::RunOptions;
 use crate::scenario::Scenario;
 
 /// The standard scenarios, built into the binary so `run rollout` works anywhere.
-pub const SHIPPED: [(&str, &str); 5] = [
+pub const SHIPPED: [(&str, &str); 6] = [
     ("rollout", include_str!("../scenarios/rollout.toml")),
     ("bootstorm", include_str!("../scenarios/bootstorm.toml")),
     ("update", include_str!("../scenarios/update.toml")),
     ("churn", include_str!("../scenarios/churn.toml")),
     ("bad-peer", include_str!("../scenarios/bad-peer.toml")),
+    ("partition", include_str!("../scenarios/partition.toml")),
 ];
 
 /// A scenario file, or the name of a shipped one.

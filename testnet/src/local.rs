@@ -81,6 +81,7 @@ fn config(
         mdns: false,
         database: None,
         status_file: None,
+        blocklist: None,
         corrupt_uploads: false,
     })
 }

@@ -135,10 +135,12 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Vec<Report>
     let tag: String = scenario.name.chars().take(8).collect();
     let hosts = nodes
         .iter()
-        .map(|n| Host {
+        .zip(&peer_ids)
+        .map(|(n, peer_id)| Host {
             name: n.name.clone(),
             site: n.site.clone(),
             shape: n.shape,
+            peer_id: peer_id.clone(),
         })
         .collect();
     let backend = Backend::prepare(opts.backend, &opts.binary, &opts.workdir, &tag, hosts)?;
@@ -490,7 +492,11 @@ impl Run<'_> {
                     self.start_clock();
                 }
                 Action::Publish { version } => self.publish(*version)?,
-                Action::Wait { role, timeout } => self.wait(*role, *timeout)?,
+                Action::Wait {
+                    role,
+                    site,
+                    timeout,
+                } => self.wait(*role, site.as_deref(), *timeout)?,
                 Action::Mark => self.mark()?,
                 Action::Start { node, role } => {
                     let which: Vec<usize> = (0..self.nodes.len())
@@ -575,12 +581,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn wait(&mut self, role: Option<Role>, timeout: f64) -> anyhow::Result<()> {
+    fn wait(&mut self, role: Option<Role>, site: Option<&str>, timeout: f64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs_f64(timeout);
         loop {
             self.poll();
             let missing: Vec<&str> = (0..self.nodes.len())
                 .filter(|&i| role.is_none_or(|r| r == self.nodes[i].role))
+                .filter(|&i| site.is_none_or(|s| s == self.nodes[i].site))
                 .filter(|&i| {
                     self.backend.is_running(i) && self.expects(i).is_some_and(|v| !self.holds(i, v))
                 })

@@ -24,7 +24,7 @@
 //! action = "publish"      # publish | wait | mark | start | kill | restart | stop | cut | restore | sleep
 //! version = 1
 //! [[events]]
-//! action = "wait"         # until every started node (of `role`) holds the newest version
+//! action = "wait"         # until every started node (of `role`, at `site`) holds the newest version
 //! ```
 //!
 //! Owns parsing and checking a scenario and resolving its groups into nodes; it does not start
@@ -136,9 +136,11 @@ pub enum Action {
     Publish {
         version: u64,
     },
-    /// Until every started node (of `role`, if given) holds the newest published version.
+    /// Until every started node (of `role` and at `site`, if given) holds the newest published
+    /// version.
     Wait {
         role: Option<Role>,
+        site: Option<String>,
         #[serde(default = "default_wait")]
         timeout: f64,
     },
@@ -164,7 +166,8 @@ pub enum Action {
         #[serde(default)]
         after_origin_sent: bool,
     },
-    /// The site's nodes lose their network (netns: interfaces down; docker: off the WAN).
+    /// The site's nodes lose their link to every other site; they still reach each other (netns:
+    /// the bridge drops the frames; docker: off the WAN network; process: blocklists).
     Cut {
         site: String,
     },
@@ -260,9 +263,11 @@ impl Scenario {
                         bail!("events: no node named {node:?}");
                     }
                 }
-                Action::Cut { site } | Action::Restore { site }
-                    if !nodes.iter().any(|n| &n.site == site) =>
-                {
+                Action::Cut { site }
+                | Action::Restore { site }
+                | Action::Wait {
+                    site: Some(site), ..
+                } if !nodes.iter().any(|n| &n.site == site) => {
                     bail!("events: no site named {site:?}");
                 }
                 Action::Wait { timeout, .. } if !(*timeout > 0.0 && timeout.is_finite()) => {

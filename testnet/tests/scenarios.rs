@@ -80,6 +80,27 @@ fn run_scenario(name: &str, kind: BackendKind) {
                 r.bytes_to_move
             );
         }
+        // lab-b was cut off before the publish and restored 2 s after lab-a had finished: a
+        // lab-b node done before then got bytes through the cut.
+        "partition" => {
+            let r = reports.last().unwrap();
+            let done_at = |site: &str| {
+                r.per_node
+                    .iter()
+                    .filter(|n| n.site == site)
+                    .map(|n| n.completed_seconds.expect("every receiver finished"))
+                    .collect::<Vec<_>>()
+            };
+            let (a, b) = (done_at("lab-a"), done_at("lab-b"));
+            assert!(!a.is_empty() && !b.is_empty(), "{}", r.table());
+            let a_last = a.iter().copied().fold(0.0, f64::max);
+            let b_first = b.iter().copied().fold(f64::INFINITY, f64::min);
+            assert!(
+                b_first >= a_last + 2.0,
+                "lab-b finished at {b_first:.2} s, before its link was back ({a_last:.2} s + 2 s)\n{}",
+                r.table()
+            );
+        }
         _ => {}
     }
     let log_dir = dir.path().join("logs");
@@ -109,14 +130,17 @@ scenario_tests! {
     update_on_processes: "update" on Process,
     churn_on_processes: "churn" on Process,
     bad_peer_on_processes: "bad-peer" on Process,
+    partition_on_processes: "partition" on Process,
     rollout_in_namespaces: "rollout" on Netns,
     bootstorm_in_namespaces: "bootstorm" on Netns,
     update_in_namespaces: "update" on Netns,
     churn_in_namespaces: "churn" on Netns,
     bad_peer_in_namespaces: "bad-peer" on Netns,
+    partition_in_namespaces: "partition" on Netns,
     rollout_in_containers: "rollout" on Docker,
     bootstorm_in_containers: "bootstorm" on Docker,
     update_in_containers: "update" on Docker,
     churn_in_containers: "churn" on Docker,
     bad_peer_in_containers: "bad-peer" on Docker,
+    partition_in_containers: "partition" on Docker,
 }

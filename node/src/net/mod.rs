@@ -1,7 +1,7 @@
 //! The libp2p swarm: one task owns it; the rest of the node talks to it through [`NetHandle`].
 //!
 //! Owns connections, gossip of signed announcements (validated here, before they are forwarded
-//! to anyone), control request-response, peer identification (site and role), bans, and
+//! to anyone), control request-response, peer identification (site and role), bans and the blocklist, and
 //! trackerless discovery: Kademlia provider records (one per version, never per piece) and, when
 //! enabled, mDNS on the local network. Piece
 //! streams are opened and accepted through the `libp2p_stream::Control` the handle carries, so
@@ -137,6 +137,8 @@ pub struct NetConfig {
     /// Find peers on the local network with mDNS. Off by default: it multicasts on every
     /// interface, which only belongs on a LAN of cache servers and workstations.
     pub mdns: bool,
+    /// Peers refused from the start (the blocklist file, see [`crate::blocklist`]).
+    pub blocked: HashSet<PeerId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +204,8 @@ enum Command {
         peer: PeerId,
         for_: Duration,
     },
+    /// Replace the blocklist.
+    SetBlocklist(HashSet<PeerId>),
     Peers {
         reply: oneshot::Sender<Vec<ConnectedPeer>>,
     },
@@ -295,6 +299,15 @@ impl NetHandle {
     /// Disconnects a peer and refuses it for `for_`.
     pub async fn ban(&self, peer: PeerId, for_: Duration) {
         let _ = self.commands.send(Command::Ban { peer, for_ }).await;
+    }
+
+    /// Replaces the blocklist: listed peers are disconnected and refused until a later list
+    /// leaves them out. False once the network task has stopped.
+    pub async fn set_blocklist(&self, peers: HashSet<PeerId>) -> bool {
+        self.commands
+            .send(Command::SetBlocklist(peers))
+            .await
+            .is_ok()
     }
 
     /// Connected and identified imiswarm peers.
@@ -428,6 +441,9 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
         .gossipsub
         .subscribe(&topic)
         .map_err(|e| NetError::Build(e.to_string()))?;
+    for peer in &config.blocked {
+        swarm.behaviour_mut().blocked.block_peer(*peer);
+    }
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -461,6 +477,7 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
         bootstrap_peers: HashMap::new(),
         listen_addrs: Vec::new(),
         bans: Vec::new(),
+        listed: config.blocked,
         listening: None,
         provider_queries: HashMap::new(),
         kad_bootstrapped: None,
@@ -494,6 +511,8 @@ struct SwarmTask {
     connections: HashMap<PeerId, u32>,
     listen_addrs: Vec<Multiaddr>,
     bans: Vec<(Instant, PeerId)>,
+    /// The blocklist in force. A peer stays blocked while it is listed or banned.
+    listed: HashSet<PeerId>,
     listening: Option<(usize, oneshot::Sender<()>)>,
     /// Provider lookups in progress: what was found so far, and who waits.
     provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
@@ -532,7 +551,9 @@ impl SwarmTask {
             self.bans.drain(..).partition(|(until, _)| *until <= now);
         self.bans = kept;
         for (_, peer) in expired {
-            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            if !self.is_refused(&peer) {
+                self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            }
         }
         let kad_due = self
             .kad_bootstrapped
@@ -540,11 +561,39 @@ impl SwarmTask {
         if kad_due && self.swarm.behaviour_mut().kad.bootstrap().is_ok() {
             self.kad_bootstrapped = Some(now);
         }
+        self.dial_bootstrap();
+    }
+
+    /// Dials the bootstrap addresses whose peer is away.
+    fn dial_bootstrap(&mut self) {
         let due = bootstrap_due(&self.bootstrap, &self.bootstrap_peers, |peer| {
             self.swarm.is_connected(peer)
         });
         for addr in due {
             let _ = self.swarm.dial(dial_opts(addr));
+        }
+    }
+
+    /// Whether `peer` must stay blocked: listed, or under a ban that has not expired.
+    fn is_refused(&self, peer: &PeerId) -> bool {
+        self.listed.contains(peer) || self.bans.iter().any(|(_, p)| p == peer)
+    }
+
+    fn set_blocklist(&mut self, peers: HashSet<PeerId>) {
+        let old = std::mem::replace(&mut self.listed, peers);
+        let mut lifted = false;
+        for peer in old.difference(&self.listed) {
+            if !self.is_refused(peer) {
+                lifted |= self.swarm.behaviour_mut().blocked.unblock_peer(*peer);
+            }
+        }
+        // Blocking closes the peer's connections.
+        for peer in &self.listed {
+            self.swarm.behaviour_mut().blocked.block_peer(*peer);
+        }
+        if lifted {
+            // A bootstrap peer just taken off the list is back at once, not at the next redial.
+            self.dial_bootstrap();
         }
     }
 
@@ -599,6 +648,7 @@ impl SwarmTask {
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.bans.push((Instant::now() + for_, peer));
             }
+            Command::SetBlocklist(peers) => self.set_blocklist(peers),
             Command::Peers { reply } => {
                 let _ = reply.send(
                     self.peers
@@ -996,6 +1046,59 @@ mod tests {
         );
         let only_reached = bootstrap_due(&bootstrap, &learned, |p| *p == reached);
         assert_eq!(only_reached, [named, never]);
+    }
+
+    async fn connected(net: &NetHandle, peer: PeerId, want: bool) {
+        connected_within(net, peer, want, Duration::from_secs(20)).await
+    }
+
+    async fn connected_within(net: &NetHandle, peer: PeerId, want: bool, within: Duration) {
+        tokio::time::timeout(within, async {
+            while net.peers().await.iter().any(|p| p.peer == peer) != want {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("still connected: {}", !want));
+    }
+
+    #[tokio::test]
+    async fn a_listed_peer_is_dropped_and_refused_until_the_list_leaves_it_out() {
+        let config = |bootstrap: Vec<Multiaddr>| NetConfig {
+            keypair: identity::Keypair::generate_ed25519(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap,
+            site: "lab".into(),
+            role: Role::Daemon,
+            trusted: TrustedKeys::new([]),
+            mdns: false,
+            blocked: HashSet::new(),
+        };
+        let (a, _a_events) = start(config(vec![])).await.unwrap();
+        let addr = a.listen_addrs().await[0].clone();
+        let (b, _b_events) = start(config(vec![addr.clone()])).await.unwrap();
+        connected(&a, b.local_peer_id, true).await;
+
+        assert!(b.set_blocklist(HashSet::from([a.local_peer_id])).await);
+        connected(&a, b.local_peer_id, false).await;
+        connected(&b, a.local_peer_id, false).await;
+        // Refused both ways: b's own dial, and a's dial of b.
+        b.dial_at(a.local_peer_id, vec![addr]).await;
+        let b_addr = b.listen_addrs().await[0].clone();
+        a.dial_at(b.local_peer_id, vec![b_addr]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(b.peers().await.is_empty(), "a listed peer got back in");
+
+        // Off the list, the bootstrap peer is dialled again at once (the redial is 10 s away).
+        assert!(b.set_blocklist(HashSet::new()).await);
+        connected_within(&b, a.local_peer_id, true, REDIAL_EVERY / 2).await;
+
+        // A node started with the list never connects to a listed bootstrap peer.
+        let mut listed = config(vec![a.listen_addrs().await[0].clone()]);
+        listed.blocked = HashSet::from([a.local_peer_id]);
+        let (c, _c_events) = start(listed).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(c.peers().await.is_empty(), "dialled a listed peer");
     }
 
     #[test]

@@ -268,6 +268,7 @@ mod tests {
             role: Role::Daemon,
             trusted: TrustedKeys::new([]),
             mdns: false,
+            blocked: Default::default(),
         };
         let (a, mut a_events) = net::start(config(vec![])).await.unwrap();
         let addr = a.listen_addrs().await[0].clone();
