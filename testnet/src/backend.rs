@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | `process` | a process on 127.0.0.1, a port of its own | the node's own rate limiter | each side's blocklist lists the other's peers |
 //! | `netns` | a process in a namespace of its own on a bridge | the kernel (tc), see [`crate::netns`] | the bridge drops frames between the site's ports and the rest |
-//! | `docker` | a container built FROM scratch from our binary, on its site's network and a WAN network (a compose project) | the node's own rate limiter | off the WAN network |
+//! | `docker` | a service of a compose project: a container built FROM scratch from our binary, on its site's network and a WAN network | the node's own rate limiter | off the WAN network |
 //!
 //! Every backend runs the same program (this binary's `node` subcommand, which is `imiswarm`)
 //! with the same arguments but for addresses and paths, and every node's data directory is a
@@ -46,7 +46,8 @@ pub struct Host {
 #[derive(Debug)]
 enum Running {
     Child(Child),
-    Container(String),
+    /// Node i's compose service.
+    Container,
 }
 
 #[derive(Debug)]
@@ -244,7 +245,8 @@ impl Backend {
             }
             BackendKind::Docker => {
                 let docker = self.docker.as_mut().context("docker not prepared")?;
-                Running::Container(docker.run(i, args, log)?)
+                docker.run(i, args, log)?;
+                Running::Container
             }
         };
         self.running[i] = Some(running);
@@ -272,9 +274,9 @@ impl Backend {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Some(Running::Container(name)) => {
+            Some(Running::Container) => {
                 if let Some(d) = &self.docker {
-                    d.stop(&name, false);
+                    d.stop(i, false);
                 }
             }
             None => {}
@@ -288,9 +290,9 @@ impl Backend {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Some(Running::Container(name)) => {
+            Some(Running::Container) => {
                 if let Some(d) = &self.docker {
-                    d.stop(&name, true);
+                    d.stop(i, true);
                 }
             }
             None => {}
@@ -299,7 +301,7 @@ impl Backend {
 
     /// Cuts (or restores) the link between nodes `which` (a site) and all other nodes.
     pub fn set_links(&mut self, which: &[usize], up: bool) -> anyhow::Result<()> {
-        match (&self.lab, &self.docker) {
+        match (&self.lab, &mut self.docker) {
             (Some(lab), _) => lab.set_site_link(which, up),
             (_, Some(docker)) => which.iter().try_for_each(|&i| docker.set_wan(i, up)),
             _ => self.set_blocklists(which, up),
@@ -389,7 +391,13 @@ fn write_blocklist(path: &Path, change: u64, peers: &[&str]) -> anyhow::Result<S
 /// Where the host's work directory is mounted in every container.
 const CONTAINER_WORKDIR: &str = "/work";
 
-/// The containers of one run: a compose project of networks, and one container per node.
+/// The containers of one run: a compose project with a service per node on its site's network
+/// and the WAN network.
+///
+/// A node's command differs per start (a new version to fetch, a restart), so the compose file
+/// is rewritten with the command before each `up` of that one service (`--no-deps
+/// --force-recreate`: the other nodes are not touched). A node whose site is cut is written
+/// without the WAN network, so a restart during a cut does not reconnect it even for a moment.
 #[derive(Debug)]
 struct Docker {
     project: String,
@@ -400,6 +408,10 @@ struct Docker {
     sites: Vec<String>,
     /// 10.<net>.0.0/16 is this run's address block.
     net: u8,
+    /// The arguments of each node's last start (None: never started): its service's command.
+    commands: Vec<Option<Vec<String>>>,
+    /// Nodes whose site is cut off the WAN.
+    cut: Vec<bool>,
     /// `docker logs -f` of each running container, copying its output to the node's log.
     followers: std::sync::Mutex<std::collections::HashMap<String, Child>>,
 }
@@ -419,6 +431,11 @@ fn docker(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// A YAML string: JSON's quoting is valid YAML and escapes everything a value may hold.
+fn quoted(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
 impl Docker {
     fn prepare(binary: &Path, workdir: &Path, tag: &str, hosts: &[Host]) -> anyhow::Result<Self> {
         let image = build_image(binary, workdir)?;
@@ -429,39 +446,75 @@ impl Docker {
         if sites.len() > 200 || hosts.len() > 200 {
             bail!("the docker backend takes at most 200 sites and 200 nodes");
         }
-        let net = 100 + (std::process::id() % 100) as u8;
-        let mut compose = String::from("version: \"2.4\"\nnetworks:\n");
-        compose.push_str(&format!(
-            "  wan:\n    ipam:\n      config:\n        - subnet: 10.{net}.0.0/24\n"
-        ));
-        for (k, site) in sites.iter().enumerate() {
-            compose.push_str(&format!(
-                "  site-{site}:\n    ipam:\n      config:\n        - subnet: 10.{net}.{}.0/24\n",
-                k + 1
-            ));
-        }
-        // One placeholder service keeps `up` creating the networks; nodes are started with
-        // `docker run` on them (their command differs per start: a new version, a restart).
-        let mut networks = vec!["wan".to_owned()];
-        networks.extend(sites.iter().map(|s| format!("site-{s}")));
-        compose.push_str(&format!(
-            "services:\n  networks-holder:\n    image: {image}\n    command: [\"--version\"]\n    networks: [{}]\n",
-            networks.join(", ")
-        ));
-        let compose_file = workdir.join("docker-compose.yml");
-        std::fs::write(&compose_file, compose)?;
         let d = Self {
             project,
             image,
-            compose_file,
+            compose_file: workdir.join("docker-compose.yml"),
             workdir: workdir.to_owned(),
             hosts: hosts.to_vec(),
             sites,
-            net,
+            net: 100 + (std::process::id() % 100) as u8,
+            commands: hosts.iter().map(|_| None).collect(),
+            cut: hosts.iter().map(|_| false).collect(),
             followers: Default::default(),
         };
-        d.compose(&["up", "-d"])?;
+        d.write_compose_file()?;
         Ok(d)
+    }
+
+    /// The compose file: the networks, and a service for every node started so far.
+    fn compose_text(&self) -> String {
+        let net = self.net;
+        let mut out = String::from("version: \"2.4\"\nnetworks:\n");
+        out.push_str(&format!(
+            "  wan:\n    ipam:\n      config:\n        - subnet: 10.{net}.0.0/24\n"
+        ));
+        for (k, site) in self.sites.iter().enumerate() {
+            out.push_str(&format!(
+                "  {}:\n    ipam:\n      config:\n        - subnet: 10.{net}.{}.0/24\n",
+                quoted(&format!("site-{site}")),
+                k + 1
+            ));
+        }
+        out.push_str("services:\n");
+        let mount = format!("{}:{CONTAINER_WORKDIR}", self.workdir.display());
+        for (i, host) in self.hosts.iter().enumerate() {
+            let Some(args) = &self.commands[i] else {
+                continue;
+            };
+            let command: Vec<String> = ["--log-format", "json"]
+                .iter()
+                .map(|a| quoted(a))
+                .chain(args.iter().map(|a| quoted(a)))
+                .collect();
+            out.push_str(&format!(
+                "  {}:\n    image: {}\n    container_name: {}\n    command: [{}]\n    \
+                 environment:\n      IMISWARM_LOG: {}\n    volumes:\n      - {}\n    networks:\n",
+                quoted(&host.name),
+                quoted(&self.image),
+                quoted(&self.container(i)),
+                command.join(", "),
+                quoted(&node_log_filter()),
+                quoted(&mount),
+            ));
+            if !self.cut[i] {
+                out.push_str(&format!(
+                    "      wan:\n        ipv4_address: {}\n",
+                    self.wan_ip(i)
+                ));
+            }
+            out.push_str(&format!(
+                "      {}:\n        ipv4_address: {}\n",
+                quoted(&format!("site-{}", host.site)),
+                self.site_ip(i)
+            ));
+        }
+        out
+    }
+
+    fn write_compose_file(&self) -> anyhow::Result<()> {
+        std::fs::write(&self.compose_file, self.compose_text())
+            .with_context(|| format!("writing {}", self.compose_file.display()))
     }
 
     fn compose(&self, args: &[&str]) -> anyhow::Result<()> {
@@ -504,46 +557,13 @@ impl Docker {
         format!("{}-{}", self.project, self.hosts[i].name)
     }
 
-    fn run(&mut self, i: usize, args: &[String], log: &Path) -> anyhow::Result<String> {
+    /// (Re)creates node `i`'s service with `args` and copies its output to `log`.
+    fn run(&mut self, i: usize, args: &[String], log: &Path) -> anyhow::Result<()> {
+        self.commands[i] = Some(args.to_vec());
+        self.write_compose_file()?;
+        let service = self.hosts[i].name.clone();
+        self.compose(&["up", "-d", "--no-deps", "--force-recreate", &service])?;
         let name = self.container(i);
-        let _ = docker(&["rm", "-f", &name]);
-        let mount = format!("{}:{CONTAINER_WORKDIR}", self.workdir.display());
-        let wan = self.network("wan");
-        let ip = self.wan_ip(i).to_string();
-        let mut run_args: Vec<String> = [
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--network",
-            &wan,
-            "--ip",
-            &ip,
-            "-v",
-            &mount,
-            "-e",
-            &format!("IMISWARM_LOG={}", node_log_filter()),
-            &self.image,
-            "--log-format",
-            "json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        run_args.extend(args.iter().cloned());
-        let refs: Vec<&str> = run_args.iter().map(String::as_str).collect();
-        // Created on the WAN, then joined to its site's network before it has sent anything
-        // that matters (it listens on every interface).
-        docker(&refs)?;
-        let site = self.network(&format!("site-{}", self.hosts[i].site));
-        docker(&[
-            "network",
-            "connect",
-            "--ip",
-            &self.site_ip(i).to_string(),
-            &site,
-            &name,
-        ])?;
         let file = std::fs::File::create(log)?;
         let follower = Command::new("docker")
             .args(["logs", "-f", &name])
@@ -555,22 +575,23 @@ impl Docker {
         self.followers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), follower);
-        Ok(name)
+            .insert(name, follower);
+        Ok(())
     }
 
-    /// Stops (or kills) a container, once its log is fully copied.
-    fn stop(&self, name: &str, kill: bool) {
-        if kill {
-            let _ = docker(&["kill", name]);
+    /// Stops (or kills) node `i`'s container, once its log is fully copied, and removes it.
+    fn stop(&self, i: usize, kill: bool) {
+        let service = self.hosts[i].name.as_str();
+        let _ = if kill {
+            self.compose(&["kill", service])
         } else {
-            let _ = docker(&["stop", "-t", "10", name]);
-        }
+            self.compose(&["stop", "-t", "10", service])
+        };
         let follower = self
             .followers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+            .remove(&self.container(i));
         if let Some(mut follower) = follower {
             // `logs -f` ends with the container; bounded in case it does not.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -583,13 +604,18 @@ impl Docker {
             let _ = follower.kill();
             let _ = follower.wait();
         }
-        let _ = docker(&["rm", "-f", name]);
+        let _ = self.compose(&["rm", "-f", "-s", service]);
     }
 
-    fn set_wan(&self, i: usize, up: bool) -> anyhow::Result<()> {
+    /// Takes node `i` off the WAN network (or back on it). Its site's network stays.
+    fn set_wan(&mut self, i: usize, up: bool) -> anyhow::Result<()> {
+        self.cut[i] = !up;
+        if self.commands[i].is_none() {
+            return Ok(()); // never started: its service is written as the cut says
+        }
         let wan = self.network("wan");
         let name = self.container(i);
-        if up {
+        let result = if up {
             docker(&[
                 "network",
                 "connect",
@@ -598,9 +624,14 @@ impl Docker {
                 &wan,
                 &name,
             ])
-            .map(drop)
         } else {
-            docker(&["network", "disconnect", &wan, &name]).map(drop)
+            docker(&["network", "disconnect", &wan, &name])
+        };
+        match result {
+            Ok(_) => Ok(()),
+            // A stopped node's container is gone; its next start follows the cut.
+            Err(_) if docker(&["container", "inspect", &name]).is_err() => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }
@@ -616,10 +647,8 @@ impl Drop for Docker {
             let _ = follower.kill();
             let _ = follower.wait();
         }
-        for i in 0..self.hosts.len() {
-            let _ = docker(&["rm", "-f", &self.container(i)]);
-        }
-        let _ = self.compose(&["down", "--remove-orphans"]);
+        let _ = self.compose(&["kill"]);
+        let _ = self.compose(&["down", "--remove-orphans", "-t", "1"]);
     }
 }
 
