@@ -37,7 +37,8 @@ pub fn load(name_or_path: &str) -> anyhow::Result<Scenario> {
 /// Where a run works and what it writes, for `run` and `bench` alike.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OutputArgs {
-    /// Keep everything of the run here (default: a temporary directory, removed).
+    /// Keep everything of the run here: a new or empty directory (default: a temporary
+    /// directory, removed).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
     /// Skip the central HTTP server baseline.

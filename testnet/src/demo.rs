@@ -181,6 +181,7 @@ pub fn write_sample_image(dir: &Path, disk_mib: usize) -> anyhow::Result<()> {
 
 pub fn run_demo(workdir: Option<PathBuf>) -> anyhow::Result<()> {
     let tmp;
+    let kept = workdir.is_some();
     let root = match workdir {
         Some(dir) => dir,
         None => {
@@ -188,9 +189,8 @@ pub fn run_demo(workdir: Option<PathBuf>) -> anyhow::Result<()> {
             tmp.path().to_path_buf()
         }
     };
-    let swarm_root = root.join("swarm");
-    // The origin's repository: the local swarm's origin serves from it.
-    let repo_dir = swarm_root.join("origin");
+    // The image repository of steps 1-4; the swarm of step 5 makes its own, under `swarm/`.
+    let repo_dir = root.join("repository");
     let (image, version) = ("demo", 1);
     println!("imiswarm demo in {}", root.display());
 
@@ -289,11 +289,16 @@ pub fn run_demo(workdir: Option<PathBuf>) -> anyhow::Result<()> {
             root.join("report.json"),
             serde_json::to_string_pretty(&reports)?,
         )?;
-        println!(
-            "report: {} and {}",
-            root.join("report.json").display(),
-            svg.display()
-        );
+        if kept {
+            println!(
+                "report: {} and {}",
+                root.join("report.json").display(),
+                svg.display()
+            );
+        } else {
+            // The temporary directory goes when the demo ends.
+            println!("to keep the report, its plot and every node's log: demo --workdir DIR");
+        }
     }
     if reports.iter().any(|r| !r.all_correct) {
         bail!("some node ended with wrong files");

@@ -112,6 +112,14 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Vec<Report>
         None => scenario.image_bytes()?,
     };
     let image = SampleImage::new(&scenario.image, size);
+    // An earlier run's repositories would already hold the version: every node would finish at
+    // once and the report would measure nothing.
+    if std::fs::read_dir(&opts.workdir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "the work directory {} is not empty: remove it or name another",
+            opts.workdir.display()
+        );
+    }
     std::fs::create_dir_all(opts.workdir.join("keys"))?;
     std::fs::create_dir_all(opts.workdir.join("logs"))?;
     let publisher = imiswarm_node::keys::generate()?;
