@@ -51,6 +51,19 @@ pub const BAN_FOR: Duration = Duration::from_secs(600);
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long a peer that could not serve a piece is not asked for it again.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// The tail of a download: once the pieces left would arrive within this time at the current
+/// receive rate, every peer's pipeline is cut to [`TAIL_PIPELINE`] pieces.
+///
+/// Why: the last pieces of a rollout are the ones the origin sent last, each at one holder
+/// that every other receiver asks. With the full pipeline (16 pieces per peer), a request for
+/// such a piece waits at the holder behind up to a second of other receivers' older requests;
+/// shallow pipelines keep those queues short, so the fresh pieces spread hop by hop without
+/// waiting. Only the tail: in bulk, deep pipelines and long spans keep the per-request cost
+/// low (a rate-sized pipeline for the whole download made the benchmark slower, 1.31 against
+/// 1.24). Benchmark, 8 interleaved runs each: median T/T_min 1.20 against 1.26.
+const TAIL_WITHIN: Duration = Duration::from_millis(1500);
+/// Pieces in flight per peer in the tail (see [`TAIL_WITHIN`]).
+const TAIL_PIPELINE: u32 = 4;
 /// How old a request must be before the endgame asks another peer for the same piece.
 const ENDGAME_MIN_AGE: Duration = Duration::from_millis(500);
 /// Longest wait for the next header or piece bytes on a piece stream.
@@ -319,6 +332,12 @@ fn untold(verified: &Bitfield, told: &Bitfield, pending: &BTreeSet<PieceIndex>) 
         .collect()
 }
 
+/// Whether the pieces left would arrive within [`TAIL_WITHIN`] at the current receive rate.
+fn near_the_end(remaining: u32, piece_size: u32, bytes_per_sec: f64) -> bool {
+    bytes_per_sec > 0.0
+        && f64::from(remaining) * f64::from(piece_size) <= bytes_per_sec * TAIL_WITHIN.as_secs_f64()
+}
+
 /// An exponentially weighted receive rate, updated every tick.
 #[derive(Debug, Default)]
 struct RateMeter {
@@ -443,6 +462,8 @@ pub async fn run(
         }
     };
 
+    // Set once the end is near: every peer's pipeline is then TAIL_PIPELINE deep.
+    let mut shallow = false;
     while !scheduler.is_done() {
         tokio::select! {
             event = events.recv() => match event {
@@ -451,6 +472,9 @@ pub async fn run(
                     if !banned.contains(&peer) && bitfield.len() == total {
                         let bitfield = learned.answer(peer, &bitfield);
                         scheduler.add_peer(peer, locality);
+                        if shallow {
+                            scheduler.set_pipeline(peer, TAIL_PIPELINE);
+                        }
                         sites.insert(peer, site);
                         peers.insert(peer);
                         if locality == Locality::SameSite {
@@ -626,6 +650,18 @@ pub async fn run(
                     remask(&mut scheduler, &remote, &crossing, settled);
                 }
                 publish(&scheduler, peers.len(), &by_peer, &rate, &crossing);
+            }
+        }
+        if !shallow
+            && near_the_end(
+                scheduler.remaining(),
+                partial.manifest.piece_size,
+                rate.per_sec,
+            )
+        {
+            shallow = true;
+            for &peer in &peers {
+                scheduler.set_pipeline(peer, TAIL_PIPELINE);
             }
         }
         let now = tokio::time::Instant::now().into_std();
@@ -875,6 +911,17 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tail_starts_when_the_pieces_left_fit_in_its_time_at_the_current_rate() {
+        let piece = 64 << 10;
+        // 12.5 MB/s: 1.5 s of it is 286 pieces of 64 KiB.
+        assert!(near_the_end(286, piece, 12.5e6));
+        assert!(!near_the_end(287, piece, 12.5e6));
+        assert!(near_the_end(0, piece, 12.5e6));
+        // Before anything has arrived there is no rate to go by.
+        assert!(!near_the_end(1, piece, 0.0));
+    }
 
     fn pending_fetch(peer: PeerId, pieces: &[PieceIndex]) -> (Fetch, tokio::task::JoinHandle<()>) {
         let task = tokio::spawn(std::future::pending::<()>());
