@@ -10,10 +10,11 @@
 //! rest of the swarm with it, where there is no kernel between the nodes to cut.
 //!
 //! The file is read at start, before the node dials anyone, and read again whenever it changes
-//! (checked every [`WATCH_EVERY`]), so an edit takes effect without a restart: listed peers are
-//! disconnected and refused, peers taken off the list may connect again. A file that cannot be
-//! read or parsed at start is an error; at a reload it is logged and the list in force stays, so
-//! a half-written edit never unblocks everyone. Each list applied is logged with a digest of the
+//! (checked every [`WATCH_EVERY`]; a change is read once the file has stayed the same for one
+//! check), so an edit takes effect without a restart: listed peers are disconnected and refused,
+//! peers taken off the list may connect again. Replace the file by a rename for an atomic
+//! change. A file that cannot be read or parsed at start is an error; at a reload it is logged
+//! and the list in force stays. Each list applied is logged with a digest of the
 //! file, which says which edit is in force.
 //!
 //! Owns parsing and watching the file. The network task applies the list; this module must not
@@ -94,45 +95,90 @@ fn read_bounded(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 /// What identifies one state of the file cheaply: an edit in place changes the length or the
 /// modification time, a replacement by rename the inode.
-fn stamp(path: &Path) -> Option<(u64, u64, Option<std::time::SystemTime>)> {
+fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.ino(), meta.len(), meta.modified().ok()))
 }
 
-/// Re-reads `path` whenever it changes and hands each new list to the network task, until the
-/// network stops. `initial` is the list the network started with (see [`crate::member::start_net`]).
+/// Notices changes of the file: [`Watch::check`] is called every [`WATCH_EVERY`].
+#[derive(Debug)]
+pub struct Watch {
+    path: PathBuf,
+    seen: Option<Stamp>,
+    /// The file changed at the last check: it is read once it has stayed the same for one
+    /// more, so a file caught in the middle of a write (an editor that truncates first) is not
+    /// taken for the new list.
+    settling: bool,
+    /// The digest of the list in force.
+    in_force: String,
+    /// A bad file was reported; said once per bad state.
+    warned: bool,
+}
+
+type Stamp = (u64, u64, Option<std::time::SystemTime>);
+
+impl Watch {
+    /// Watches `path`, whose list `in_force` was read at start.
+    pub fn new(path: PathBuf, in_force: &Blocklist) -> Self {
+        Self {
+            seen: stamp(&path),
+            path,
+            settling: false,
+            in_force: in_force.digest.clone(),
+            warned: false,
+        }
+    }
+
+    /// A new list to apply, if the file has changed into one and settled. A file that cannot
+    /// be read or parsed is logged (once) and the list in force stays.
+    pub fn check(&mut self) -> Option<Blocklist> {
+        let now = stamp(&self.path);
+        if now != self.seen {
+            self.seen = now;
+            self.settling = true;
+            return None;
+        }
+        if !std::mem::take(&mut self.settling) {
+            return None;
+        }
+        match read(&self.path) {
+            Ok(list) if list.digest == self.in_force => None,
+            Ok(list) => {
+                self.in_force = list.digest.clone();
+                self.warned = false;
+                Some(list)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.warned, true) {
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        "blocklist not reloaded; the previous list stays in force"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Checks `path` every [`WATCH_EVERY`] and hands each new list to the network task, until the
+/// network stops. `initial` is the list the network started with (see
+/// [`crate::member::start_net`]).
 pub fn spawn_watch(path: PathBuf, net: NetHandle, initial: Blocklist) {
     tokio::spawn(async move {
-        let mut seen = stamp(&path);
-        let mut in_force = initial.digest;
-        let mut warned = false;
+        let mut watch = Watch::new(path, &initial);
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
-            let now = stamp(&path);
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            match read(&path) {
-                Ok(list) if list.digest == in_force => {}
-                Ok(list) => {
-                    tracing::info!(
-                        peers = list.peers.len(),
-                        digest = %list.digest,
-                        "blocklist applied"
-                    );
-                    in_force = list.digest;
-                    warned = false;
-                    if !net.set_blocklist(list.peers).await {
-                        return; // the network task has stopped
-                    }
+            if let Some(list) = watch.check() {
+                tracing::info!(
+                    peers = list.peers.len(),
+                    digest = %list.digest,
+                    "blocklist applied"
+                );
+                if !net.set_blocklist(list.peers).await {
+                    return; // the network task has stopped
                 }
-                Err(e) if !warned => {
-                    tracing::warn!(error = %format!("{e:#}"), "blocklist not reloaded; the previous list stays in force");
-                    warned = true;
-                }
-                Err(_) => {}
             }
         }
     });
@@ -156,6 +202,43 @@ mod tests {
         assert_eq!(list.peers, HashSet::from([a, b]));
         assert_eq!(list.digest, digest(text.as_bytes()));
         assert!(parse(b"").unwrap().peers.is_empty());
+    }
+
+    #[test]
+    fn a_change_is_applied_once_settled_and_a_bad_one_keeps_the_list_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocked-peers");
+        let write = |text: &str| {
+            let tmp = dir.path().join("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        let a = peer();
+        write(&format!("{a}\n"));
+        let first = read(&path).unwrap();
+        let mut watch = Watch::new(path.clone(), &first);
+        assert_eq!(watch.check(), None, "unchanged");
+
+        let b = peer();
+        write(&format!("{a}\n{b}\n"));
+        assert_eq!(watch.check(), None, "changed: settling");
+        let second = watch.check().expect("settled: applied");
+        assert_eq!(second.peers, HashSet::from([a, b]));
+        assert_eq!(watch.check(), None, "applied once");
+
+        write("not a peer\n");
+        assert_eq!(watch.check(), None);
+        assert_eq!(watch.check(), None, "a bad file is not applied");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(watch.check(), None);
+        assert_eq!(watch.check(), None, "nor a missing one");
+
+        // Back to the list in force: nothing new to apply. Then an empty list lifts every block.
+        write(&format!("{a}\n{b}\n"));
+        assert_eq!((watch.check(), watch.check()), (None, None));
+        write("# nobody\n");
+        watch.check();
+        assert_eq!(watch.check().map(|l| l.peers.len()), Some(0));
     }
 
     #[test]

@@ -366,7 +366,8 @@ mod tests {
         let path = dir.path().join("node.toml");
         std::fs::write(
             &path,
-            "repo = \"/srv/repo\"\nsite = \"lab-a\"\nupload_rate = \"100Mbit\"\nkeep_versions = 3\n",
+            "repo = \"/srv/repo\"\nsite = \"lab-a\"\nupload_rate = \"100Mbit\"\nkeep_versions = 3\n\
+             blocklist = \"/etc/imiswarm/blocked-peers\"\n",
         )
         .unwrap();
         let flags = NodeFlags {
@@ -381,6 +382,10 @@ mod tests {
         assert_eq!(c.download_rate, None);
         assert_eq!(c.keep_versions, 3);
         assert_eq!(c.listen.len(), 2, "default listen addresses");
+        assert_eq!(
+            c.blocklist,
+            Some(PathBuf::from("/etc/imiswarm/blocked-peers"))
+        );
     }
 
     #[test]
