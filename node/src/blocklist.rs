@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use libp2p::PeerId;
 
-use crate::net::NetHandle;
+use crate::net::BlocklistSetter;
 
 /// How often the file is checked for changes.
 pub const WATCH_EVERY: Duration = Duration::from_millis(200);
@@ -119,15 +119,21 @@ pub struct Watch {
 type Stamp = (u64, u64, Option<std::time::SystemTime>);
 
 impl Watch {
-    /// Watches `path`, whose list `in_force` was read at start.
-    pub fn new(path: PathBuf, in_force: &Blocklist) -> Self {
+    /// Starts watching `path`; made before the list in force is read from it (see
+    /// [`Watch::in_force`]), so an edit in between is noticed.
+    pub fn new(path: PathBuf) -> Self {
         Self {
             seen: stamp(&path),
             path,
             settling: false,
-            in_force: in_force.digest.clone(),
+            in_force: String::new(),
             warned: false,
         }
+    }
+
+    /// Records the list in force: a change back to it is nothing to apply.
+    pub fn in_force(&mut self, list: &Blocklist) {
+        self.in_force = list.digest.clone();
     }
 
     /// A new list to apply, if the file has changed into one and settled. A file that cannot
@@ -143,7 +149,10 @@ impl Watch {
             return None;
         }
         match read(&self.path) {
-            Ok(list) if list.digest == self.in_force => None,
+            Ok(list) if list.digest == self.in_force => {
+                self.warned = false;
+                None
+            }
             Ok(list) => {
                 self.in_force = list.digest.clone();
                 self.warned = false;
@@ -162,23 +171,25 @@ impl Watch {
     }
 }
 
-/// Checks `path` every [`WATCH_EVERY`] and hands each new list to the network task, until the
-/// network stops. `initial` is the list the network started with (see
+/// Logs that `list` is in force, with its digest (the testnet waits for this line).
+pub fn log_applied(peers: usize, digest: &str) {
+    tracing::info!(peers, digest, "blocklist applied");
+}
+
+/// Checks the file every [`WATCH_EVERY`] and hands each new list to the network task, until
+/// the network stops. `initial` is the list the network started with (see
 /// [`crate::member::start_net`]).
-pub fn spawn_watch(path: PathBuf, net: NetHandle, initial: Blocklist) {
+pub fn spawn_watch(mut watch: Watch, initial: Blocklist, net: BlocklistSetter) {
+    watch.in_force(&initial);
     tokio::spawn(async move {
-        let mut watch = Watch::new(path, &initial);
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             if let Some(list) = watch.check() {
-                tracing::info!(
-                    peers = list.peers.len(),
-                    digest = %list.digest,
-                    "blocklist applied"
-                );
-                if !net.set_blocklist(list.peers).await {
+                let count = list.peers.len();
+                if !net.set(list.peers).await {
                     return; // the network task has stopped
                 }
+                log_applied(count, &list.digest);
             }
         }
     });
@@ -215,8 +226,8 @@ mod tests {
         };
         let a = peer();
         write(&format!("{a}\n"));
-        let first = read(&path).unwrap();
-        let mut watch = Watch::new(path.clone(), &first);
+        let mut watch = Watch::new(path.clone());
+        watch.in_force(&read(&path).unwrap());
         assert_eq!(watch.check(), None, "unchanged");
 
         let b = peer();

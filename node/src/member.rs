@@ -68,9 +68,10 @@ pub async fn start_net(
     // Read before the network starts, so a listed peer is never dialled or accepted.
     let blocklist = match &config.blocklist {
         Some(path) => {
+            // Read before the file is watched, so an edit in between is still noticed.
+            let watch = crate::blocklist::Watch::new(path.clone());
             let list = crate::blocklist::read(path)?;
-            tracing::info!(peers = list.peers.len(), digest = %list.digest, "blocklist applied");
-            Some((path.clone(), list))
+            Some((watch, list))
         }
         None => None,
     };
@@ -88,8 +89,10 @@ pub async fn start_net(
             .unwrap_or_default(),
     })
     .await?;
-    if let Some((path, list)) = blocklist {
-        crate::blocklist::spawn_watch(path, net.clone(), list);
+    if let Some((watch, list)) = blocklist {
+        // In force from the network's first moment (NetConfig::blocked).
+        crate::blocklist::log_applied(list.peers.len(), &list.digest);
+        crate::blocklist::spawn_watch(watch, list, net.blocklist_setter());
     }
     if let Some(path) = &config.addr_file {
         let text: String = net

@@ -186,6 +186,8 @@ pub struct Node {
     provided: HashSet<Hash>,
     /// When holders of the active downloads were last looked up.
     last_lookup: Option<Instant>,
+    /// When the trackers' catalogues were last asked for (see [`CATALOGUE_EVERY`]).
+    last_catalogue: Instant,
     /// Versions being removed (retention), so a slow removal is not started twice.
     removing: HashSet<Hash>,
     internal_tx: mpsc::Sender<Internal>,
@@ -230,6 +232,7 @@ impl Node {
             registered: (Vec::new(), None),
             provided: HashSet::new(),
             last_lookup: None,
+            last_catalogue: Instant::now(),
             removing: HashSet::new(),
             internal_tx,
             internal_rx,
@@ -346,6 +349,12 @@ impl Node {
         }
 
         self.requery_stalled();
+        if self.last_catalogue.elapsed() >= CATALOGUE_EVERY {
+            self.last_catalogue = Instant::now();
+            for &tracker in &self.trackers {
+                self.refresh_catalogue(tracker);
+            }
+        }
         if self.last_lookup.is_none_or(|t| t.elapsed() >= LOOKUP_EVERY) {
             // A lookup is a tracker request and a DHT walk that reaches most nodes of a small
             // swarm: only downloads short of holders, or stuck, need one.
@@ -587,6 +596,27 @@ impl Node {
         }
     }
 
+    /// Asks a tracker for its catalogue again: an announcement gossiped while this node was
+    /// cut off (a site's link down during a publish) reaches nobody later, and a connection
+    /// that survived the cut is not "new", so the catalogue is the only way it arrives.
+    fn refresh_catalogue(&self, tracker: PeerId) {
+        let net = self.net.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(ControlResponse::Catalogue { announcements }) =
+                net.request(tracker, ControlRequest::Catalogue).await
+            {
+                let _ = internal
+                    .send(Internal::Announcements {
+                        list: announcements,
+                        // Not logged: it comes every CATALOGUE_EVERY.
+                        from_tracker: false,
+                    })
+                    .await;
+            }
+        });
+    }
+
     fn query_availability(&mut self, id: Hash, peer: PeerId) {
         let Some(d) = self.downloads.get_mut(&id) else {
             return;
@@ -694,6 +724,17 @@ impl Node {
 
     /// Keeps a retirement beside the version it retires, so a restarted daemon still knows;
     /// retention removes the version on its next round.
+    /// Whether `signed` is a retirement this node has already taken.
+    fn knows_retirement(&self, signed: &SignedAnnouncement) -> bool {
+        let a = &signed.announcement;
+        a.state != Lifecycle::Deployed
+            && self
+                .catalogue
+                .get(&a.image)
+                .and_then(|v| v.get(&a.version))
+                .is_some_and(|s| s.announcement == *a)
+    }
+
     fn on_retired(&self, signed: &SignedAnnouncement) {
         let a = &signed.announcement;
         let Mode::Follow {
@@ -747,6 +788,8 @@ impl Node {
                 }
                 for bytes in list {
                     match self.trusted.decode_and_verify(&bytes) {
+                        // A retirement already taken is not taken again at every refresh.
+                        Ok(signed) if self.knows_retirement(&signed) => {}
                         Ok(signed) => self.on_announcement(signed),
                         Err(e) => {
                             tracing::warn!(error = %e, "refused announcement from a catalogue")
@@ -1059,6 +1102,9 @@ const REGISTER_EVERY: Duration = Duration::from_secs(30);
 const REGISTER_MIN_GAP: Duration = Duration::from_secs(2);
 /// A download without progress for this long asks every peer again what it holds.
 const REQUERY_AFTER: Duration = Duration::from_secs(2);
+/// How often a node asks its trackers for their catalogues again (anti-entropy for
+/// announcements it missed; each answer is a few signed announcements).
+const CATALOGUE_EVERY: Duration = Duration::from_secs(10);
 /// How often active downloads look for more holders (trackers, then the DHT).
 const LOOKUP_EVERY: Duration = Duration::from_secs(5);
 /// A download that hears from this many holders looks for no more (unless it is stuck): its

@@ -102,7 +102,11 @@ pub fn unavailable(kind: BackendKind) -> Option<String> {
 /// `info,imiswarm_node::transfer=debug` to follow every piece request), else `info`. The
 /// report reads what the nodes log at info, so a filter should keep that.
 fn node_log_filter() -> String {
-    std::env::var("IMISWARM_TESTNET_NODE_LOG").unwrap_or_else(|_| "info".into())
+    match std::env::var("IMISWARM_TESTNET_NODE_LOG") {
+        // The process backend's cuts wait for the nodes' "blocklist applied" lines.
+        Ok(filter) => format!("{filter},imiswarm_node::blocklist=info,imiswarm_node::member=info"),
+        Err(_) => "info".into(),
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -236,6 +240,7 @@ impl Backend {
                     .env("IMISWARM_LOG", node_log_filter())
                     .env_remove("IMISWARM_REPO")
                     .env_remove("IMISWARM_CONFIG")
+                    .env_remove("IMISWARM_BLOCKLIST")
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(std::fs::File::create(log)?)
@@ -316,44 +321,65 @@ impl Backend {
         if !up {
             self.cuts.push(which.to_vec());
         }
-        let group_of = |i: usize| self.cuts.iter().position(|g| g.contains(&i));
-        let mut waits = Vec::new();
-        for i in 0..self.hosts.len() {
-            let blocked: Vec<usize> = (0..self.hosts.len())
-                .filter(|&j| {
-                    j != i
-                        && group_of(i) != group_of(j)
-                        && (group_of(i).is_some() || group_of(j).is_some())
-                })
-                .collect();
-            if blocked == self.blocklists[i] {
-                continue;
-            }
-            self.blocklist_changes += 1;
-            let peers: Vec<&str> = blocked
-                .iter()
-                .map(|&j| self.hosts[j].peer_id.as_str())
-                .collect();
-            let path = blocklist_path(&self.workdir, &self.hosts[i]);
-            let digest = write_blocklist(&path, self.blocklist_changes, &peers)?;
-            self.blocklists[i] = blocked;
-            if let (true, Some(log)) = (self.is_running(i), &self.logs[i]) {
-                waits.push((i, log.clone(), digest));
-            }
-        }
-        let deadline = std::time::Instant::now() + BLOCKLIST_APPLIED_WITHIN;
-        for (i, log, digest) in waits {
-            while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains(&digest)) {
-                if std::time::Instant::now() > deadline {
-                    bail!(
-                        "{} did not apply its blocklist within {BLOCKLIST_APPLIED_WITHIN:?}",
-                        self.hosts[i].name
-                    );
+        // The rest of the swarm first, then the site: on a restore, the site's nodes redial at
+        // once when their list lifts, and must not find the tracker still refusing them (it
+        // would not dial back; they would wait for their next redial).
+        let (site, rest): (Vec<usize>, Vec<usize>) =
+            (0..self.hosts.len()).partition(|i| which.contains(i));
+        for phase in [rest, site] {
+            let mut waits = Vec::new();
+            for i in phase {
+                if let Some(wait) = self.write_blocklist_of(i)? {
+                    waits.push(wait);
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let deadline = std::time::Instant::now() + BLOCKLIST_APPLIED_WITHIN;
+            for (i, log, from, digest) in waits {
+                while !log_since_has(&log, from, &digest) {
+                    if std::time::Instant::now() > deadline {
+                        bail!(
+                            "{} did not apply its blocklist within {BLOCKLIST_APPLIED_WITHIN:?}",
+                            self.hosts[i].name
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Writes node `i`'s blocklist for the cuts in force, if it changed. For a running node,
+    /// returns what to wait for: its log, how long the log was before, and the list's digest.
+    fn write_blocklist_of(
+        &mut self,
+        i: usize,
+    ) -> anyhow::Result<Option<(usize, PathBuf, u64, String)>> {
+        let group_of = |i: usize| self.cuts.iter().position(|g| g.contains(&i));
+        let blocked: Vec<usize> = (0..self.hosts.len())
+            .filter(|&j| {
+                j != i
+                    && group_of(i) != group_of(j)
+                    && (group_of(i).is_some() || group_of(j).is_some())
+            })
+            .collect();
+        if blocked == self.blocklists[i] {
+            return Ok(None);
+        }
+        self.blocklist_changes += 1;
+        let peers: Vec<&str> = blocked
+            .iter()
+            .map(|&j| self.hosts[j].peer_id.as_str())
+            .collect();
+        let log = self.logs[i].clone().filter(|_| self.is_running(i));
+        let from = log
+            .as_ref()
+            .and_then(|l| std::fs::metadata(l).ok())
+            .map_or(0, |m| m.len());
+        let path = blocklist_path(&self.workdir, &self.hosts[i]);
+        let digest = write_blocklist(&path, self.blocklist_changes, &peers)?;
+        self.blocklists[i] = blocked;
+        Ok(log.map(|log| (i, log, from, digest)))
     }
 }
 
@@ -371,6 +397,19 @@ const BLOCKLIST_APPLIED_WITHIN: std::time::Duration = std::time::Duration::from_
 
 fn blocklist_path(workdir: &Path, host: &Host) -> PathBuf {
     workdir.join(&host.name).join("blocked-peers")
+}
+
+/// Whether `log` holds `digest` after its first `from` bytes (read from there only: a node's
+/// log grows through the run).
+fn log_since_has(log: &Path, from: u64, digest: &str) -> bool {
+    use std::io::{Read, Seek};
+    let Ok(mut file) = std::fs::File::open(log) else {
+        return false;
+    };
+    let mut text = String::new();
+    file.seek(std::io::SeekFrom::Start(from)).is_ok()
+        && file.read_to_string(&mut text).is_ok()
+        && text.contains(digest)
 }
 
 /// Replaces the file in one rename (a node never reads half a list). Returns the digest the
@@ -431,9 +470,10 @@ fn docker(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// A YAML string: JSON's quoting is valid YAML and escapes everything a value may hold.
+/// A compose file string: JSON's quoting is valid YAML and escapes everything a value may
+/// hold, and `$$` keeps compose from reading a `$` as a variable.
 fn quoted(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+    serde_json::Value::from(s.replace('$', "$$")).to_string()
 }
 
 impl Docker {
@@ -609,6 +649,9 @@ impl Docker {
 
     /// Takes node `i` off the WAN network (or back on it). Its site's network stays.
     fn set_wan(&mut self, i: usize, up: bool) -> anyhow::Result<()> {
+        if self.cut[i] != up {
+            return Ok(()); // already so: as on the other backends, not an error
+        }
         self.cut[i] = !up;
         if self.commands[i].is_none() {
             return Ok(()); // never started: its service is written as the cut says
@@ -630,7 +673,12 @@ impl Docker {
         match result {
             Ok(_) => Ok(()),
             // A stopped node's container is gone; its next start follows the cut.
-            Err(_) if docker(&["container", "inspect", &name]).is_err() => Ok(()),
+            Err(_)
+                if docker(&["container", "inspect", &name])
+                    .is_err_and(|e| e.to_string().contains("No such")) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }

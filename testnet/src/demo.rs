@@ -183,6 +183,10 @@ pub fn run_demo(workdir: Option<PathBuf>) -> anyhow::Result<()> {
     let tmp;
     let kept = workdir.is_some();
     let root = match workdir {
+        // Checked here, not only by the runner at step 5, so a reused directory fails first.
+        Some(dir) if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) => {
+            bail!("{} is not empty: remove it or name another", dir.display())
+        }
         Some(dir) => dir,
         None => {
             tmp = tempfile::tempdir()?;

@@ -204,8 +204,11 @@ enum Command {
         peer: PeerId,
         for_: Duration,
     },
-    /// Replace the blocklist.
-    SetBlocklist(HashSet<PeerId>),
+    /// Replace the blocklist; the reply says it is in force.
+    SetBlocklist {
+        peers: HashSet<PeerId>,
+        reply: oneshot::Sender<()>,
+    },
     Peers {
         reply: oneshot::Sender<Vec<ConnectedPeer>>,
     },
@@ -223,6 +226,26 @@ enum Command {
         key: imiswarm_protocol::Hash,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+}
+
+/// Replaces the blocklist without keeping the network alive: see
+/// [`NetHandle::blocklist_setter`].
+#[derive(Debug, Clone)]
+pub struct BlocklistSetter(mpsc::WeakSender<Command>);
+
+impl BlocklistSetter {
+    /// As [`NetHandle::set_blocklist`]: false once the network has stopped.
+    pub async fn set(&self, peers: HashSet<PeerId>) -> bool {
+        let Some(commands) = self.0.upgrade() else {
+            return false;
+        };
+        let (reply, done) = oneshot::channel();
+        commands
+            .send(Command::SetBlocklist { peers, reply })
+            .await
+            .is_ok()
+            && done.await.is_ok()
+    }
 }
 
 /// A cloneable handle to the network task.
@@ -302,12 +325,17 @@ impl NetHandle {
     }
 
     /// Replaces the blocklist: listed peers are disconnected and refused until a later list
-    /// leaves them out. False once the network task has stopped.
+    /// leaves them out. Returns once the list is in force; false if the network has stopped.
     pub async fn set_blocklist(&self, peers: HashSet<PeerId>) -> bool {
-        self.commands
-            .send(Command::SetBlocklist(peers))
+        self.call(|reply| Command::SetBlocklist { peers, reply })
             .await
             .is_ok()
+    }
+
+    /// A handle that can only replace the blocklist, and does not keep the network task
+    /// running (it stops when every [`NetHandle`] is gone).
+    pub fn blocklist_setter(&self) -> BlocklistSetter {
+        BlocklistSetter(self.commands.downgrade())
     }
 
     /// Connected and identified imiswarm peers.
@@ -648,7 +676,10 @@ impl SwarmTask {
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.bans.push((Instant::now() + for_, peer));
             }
-            Command::SetBlocklist(peers) => self.set_blocklist(peers),
+            Command::SetBlocklist { peers, reply } => {
+                self.set_blocklist(peers);
+                let _ = reply.send(());
+            }
             Command::Peers { reply } => {
                 let _ = reply.send(
                     self.peers
