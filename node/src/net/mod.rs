@@ -1048,6 +1048,21 @@ fn bootstrap_due(
         .collect()
 }
 
+/// A node on a fresh key, listening on a free loopback port, for tests.
+#[cfg(test)]
+pub(crate) fn test_config(bootstrap: Vec<Multiaddr>) -> NetConfig {
+    NetConfig {
+        keypair: identity::Keypair::generate_ed25519(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("a valid address")],
+        bootstrap,
+        site: "lab".into(),
+        role: Role::Daemon,
+        trusted: TrustedKeys::new([]),
+        mdns: false,
+        blocked: HashSet::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1095,16 +1110,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listed_peer_is_dropped_and_refused_until_the_list_leaves_it_out() {
-        let config = |bootstrap: Vec<Multiaddr>| NetConfig {
-            keypair: identity::Keypair::generate_ed25519(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap,
-            site: "lab".into(),
-            role: Role::Daemon,
-            trusted: TrustedKeys::new([]),
-            mdns: false,
-            blocked: HashSet::new(),
-        };
+        let config = test_config;
         let (a, _a_events) = start(config(vec![])).await.unwrap();
         let addr = a.listen_addrs().await[0].clone();
         let (b, _b_events) = start(config(vec![addr.clone()])).await.unwrap();

@@ -250,26 +250,15 @@ async fn read_haves(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::{self, NetConfig, NetEvent, Role};
-    use imiswarm_protocol::announce::TrustedKeys;
+    use crate::net::{self, NetEvent};
     use imiswarm_protocol::hash::Hash;
-    use libp2p::Multiaddr;
 
     /// Two connected nodes on loopback: `a` listens, `b` dialled it; both have identified.
     async fn pair() -> (
         (NetHandle, mpsc::Receiver<NetEvent>),
         (NetHandle, mpsc::Receiver<NetEvent>),
     ) {
-        let config = |bootstrap: Vec<Multiaddr>| NetConfig {
-            keypair: libp2p::identity::Keypair::generate_ed25519(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap,
-            site: "lab".into(),
-            role: Role::Daemon,
-            trusted: TrustedKeys::new([]),
-            mdns: false,
-            blocked: Default::default(),
-        };
+        let config = net::test_config;
         let (a, mut a_events) = net::start(config(vec![])).await.unwrap();
         let addr = a.listen_addrs().await[0].clone();
         let (b, mut b_events) = net::start(config(vec![addr])).await.unwrap();
