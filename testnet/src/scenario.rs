@@ -118,7 +118,8 @@ fn yes() -> bool {
     true
 }
 
-// Not `deny_unknown_fields`: serde cannot combine it with the flattened action.
+// Not `deny_unknown_fields`: serde cannot combine it with the flattened action, so
+// `check_event_keys` refuses unknown keys instead.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Event {
     /// Seconds to wait before the action.
@@ -183,6 +184,44 @@ fn default_wait() -> f64 {
     300.0
 }
 
+/// Refuses a key an event's action does not take. Serde ignores unknown keys next to a flattened
+/// enum, and a misspelt or misplaced one (`node` on a `wait`) would silently change what the
+/// scenario does. Unknown actions and wrong types are left to serde, which names them.
+fn check_event_keys(text: &str) -> anyhow::Result<()> {
+    let doc: toml::Table = toml::from_str(text)?;
+    let Some(events) = doc.get("events").and_then(toml::Value::as_array) else {
+        return Ok(());
+    };
+    for (i, event) in events.iter().enumerate() {
+        let Some(event) = event.as_table() else {
+            continue;
+        };
+        let Some(action) = event.get("action").and_then(toml::Value::as_str) else {
+            continue;
+        };
+        let takes: &[&str] = match action {
+            "publish" => &["version"],
+            "wait" => &["role", "site", "timeout"],
+            "mark" => &[],
+            "start" => &["node", "role"],
+            "kill" | "restart" => &["node"],
+            "stop" => &["node", "after_origin_sent"],
+            "cut" | "restore" => &["site"],
+            "sleep" => &["seconds"],
+            _ => continue,
+        };
+        for key in event.keys() {
+            if key != "action" && key != "delay" && !takes.contains(&key.as_str()) {
+                bail!(
+                    "events[{i}]: {action} takes no {key:?} (it takes delay{})",
+                    takes.iter().map(|k| format!(", {k}")).collect::<String>()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One node of a resolved scenario.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
@@ -203,6 +242,7 @@ impl Scenario {
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let scenario: Self = toml::from_str(text)?;
+        check_event_keys(text)?;
         scenario.check()?;
         Ok(scenario)
     }
@@ -420,6 +460,10 @@ action = "wait"
             (
                 SMALL.replace("name = \"t\"", "name = \"t\"\nbogus = 1"),
                 "unknown field",
+            ),
+            (
+                format!("{SMALL}node = \"cache-1\"\n"),
+                "wait takes no \"node\"",
             ),
         ];
         for (text, expected) in cases {
