@@ -25,7 +25,7 @@ enum Command {
         workdir: Option<PathBuf>,
     },
     /// Run a scenario (a file, or the name of a shipped one: rollout, bootstorm, update,
-    /// churn, bad-peer) and report against the bound and a central HTTP server.
+    /// churn, bad-peer, partition) and report against the bound and a central HTTP server.
     Run(imiswarm_testnet::cli::RunArgs),
     /// The distribution benchmark: a rollout to N receivers, reported as T/T_min and against
     /// one central HTTP server (netns backend; process where there is no root).

@@ -56,6 +56,9 @@ pub struct Report {
     /// How busy the host's processors were during T (every node runs on this one host): near
     /// 1, the run measured the host's processors as much as the swarm.
     pub host_cpu: Option<HostCpu>,
+    /// Bytes that nodes of a cut-off site received from other sites while the cut was in force,
+    /// over the cuts restored this round (None: no cut was). Anything but 0 means a cut leaked.
+    pub received_across_cuts: Option<u64>,
     pub all_correct: bool,
     pub per_node: Vec<NodeReport>,
 }
@@ -143,6 +146,18 @@ impl Report {
                     format!(", {:.0}% stolen by the hypervisor", cpu.steal * 100.0)
                 } else {
                     String::new()
+                }
+            );
+        }
+        if let Some(crossed) = self.received_across_cuts {
+            let _ = writeln!(
+                out,
+                "  a site cut off received {} from other sites while cut ({}); T includes the time it was cut off",
+                mib(crossed),
+                if crossed == 0 {
+                    "the cut held"
+                } else {
+                    "THE CUT LEAKED"
                 }
             );
         }

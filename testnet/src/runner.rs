@@ -99,6 +99,11 @@ struct Run<'a> {
     reports: Vec<Report>,
     /// The last event was a mark: a publish right after it moves the start to its end.
     just_marked: bool,
+    /// Site -> each of its nodes' cross-site counter when the site was cut off.
+    cut_at: HashMap<String, Vec<(usize, u64)>>,
+    /// Bytes the nodes of a cut site received from other sites while it was cut, over the cuts
+    /// restored this round (None: none was).
+    received_across_cuts: Option<u64>,
     scenario_name: String,
 }
 
@@ -171,6 +176,8 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Vec<Report>
         bars: None,
         reports: Vec::new(),
         just_marked: false,
+        cut_at: HashMap::new(),
+        received_across_cuts: None,
         scenario_name: scenario.name.clone(),
         nodes,
     };
@@ -450,6 +457,7 @@ impl Run<'_> {
             self.sleep(STATUS_SETTLE);
             let round = self.report()?;
             self.reports.push(round);
+            self.received_across_cuts = None;
         }
         self.start_clock();
         for i in 0..self.nodes.len() {
@@ -536,18 +544,48 @@ impl Run<'_> {
                     let i = self.index(node);
                     self.end_lifetime(i, false);
                 }
-                Action::Cut { site } | Action::Restore { site } => {
-                    let up = matches!(event.action, Action::Restore { .. });
-                    let which: Vec<usize> = (0..self.nodes.len())
-                        .filter(|&i| self.nodes[i].site == *site)
-                        .collect();
-                    self.backend.set_links(&which, up)?;
-                }
+                Action::Cut { site } => self.cut(site)?,
+                Action::Restore { site } => self.restore(site)?,
                 Action::Sleep { seconds } => self.sleep(*seconds),
             }
         }
         self.poll();
         Ok(())
+    }
+
+    /// Cuts `site` off and notes what its nodes had received from other sites, once their
+    /// status files have caught up with what came in before the cut.
+    fn cut(&mut self, site: &str) -> anyhow::Result<()> {
+        let which: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].site == site)
+            .collect();
+        self.backend.set_links(&which, false)?;
+        if !self.cut_at.contains_key(site) {
+            self.sleep(STATUS_SETTLE);
+            let at = which
+                .iter()
+                .map(|&i| (i, self.counters(i).cross_site))
+                .collect();
+            self.cut_at.insert(site.to_owned(), at);
+        }
+        Ok(())
+    }
+
+    /// Counts what crossed into `site` while it was cut (it must be nothing: the report shows
+    /// whether the cut held), then restores its links.
+    fn restore(&mut self, site: &str) -> anyhow::Result<()> {
+        if let Some(at) = self.cut_at.remove(site) {
+            self.sleep(STATUS_SETTLE);
+            let crossed: u64 = at
+                .iter()
+                .map(|&(i, before)| self.counters(i).cross_site.saturating_sub(before))
+                .sum();
+            self.received_across_cuts = Some(self.received_across_cuts.unwrap_or(0) + crossed);
+        }
+        let which: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].site == site)
+            .collect();
+        self.backend.set_links(&which, true)
     }
 
     fn publish(&mut self, version: u64) -> anyhow::Result<()> {
@@ -765,6 +803,7 @@ impl Run<'_> {
             host_cpu: seconds
                 .and(self.cpu_at_t0.zip(self.cpu_at_done))
                 .and_then(|(t0, done)| t0.until(done)),
+            received_across_cuts: self.received_across_cuts,
             all_correct,
             per_node,
         })

@@ -93,6 +93,12 @@ fn run_scenario(name: &str, kind: BackendKind) {
             };
             let (a, b) = (done_at("lab-a"), done_at("lab-b"));
             assert!(!a.is_empty() && !b.is_empty(), "{}", r.table());
+            assert_eq!(
+                r.received_across_cuts,
+                Some(0),
+                "bytes crossed into lab-b while it was cut off\n{}",
+                r.table()
+            );
             let a_last = a.iter().copied().fold(0.0, f64::max);
             let b_first = b.iter().copied().fold(f64::INFINITY, f64::min);
             assert!(
