@@ -87,6 +87,7 @@ pub async fn start_net(
             .as_ref()
             .map(|(_, list)| list.peers.clone())
             .unwrap_or_default(),
+        liveness: net::Liveness::default(),
     })
     .await?;
     if let Some((watch, list)) = blocklist {

@@ -139,6 +139,48 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Peers refused from the start (the blocklist file, see [`crate::blocklist`]).
     pub blocked: HashSet<PeerId>,
+    pub liveness: Liveness,
+}
+
+/// How a connection whose peer fell silent is found and closed.
+///
+/// libp2p's ping only reports a failure; it leaves the connection open. A peer that vanished
+/// without a word (its machine lost power, a WAN link went down, a firewall dropped the flow)
+/// would stay "connected" until TCP gave up on its retransmissions, many minutes later, and a
+/// bootstrap peer behind such a connection would never be redialled. So a connection is closed
+/// when libp2p reports a failed ping; the peer is dialled again as any gone peer is.
+///
+/// libp2p lets a connection's first failed ping pass in silence and reports the second. After
+/// the first, the next ping needs a new stream, whose opening gives up after libp2p's
+/// [`OPEN_STREAM_TIMEOUT`]: a silent peer is found within `2 * ping_every + timeout +
+/// OPEN_STREAM_TIMEOUT`.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub ping_every: Duration,
+    /// Long enough for a ping to wait behind a full socket buffer of piece data on a slow
+    /// link: closing a busy, healthy connection would cost more than a late close.
+    pub timeout: Duration,
+}
+
+/// libp2p's `SubstreamProtocol` default, which its ping keeps.
+pub const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Liveness {
+    /// How long a peer may be silent before its connection is closed, at the latest.
+    pub fn detected_within(&self) -> Duration {
+        2 * self.ping_every + self.timeout + OPEN_STREAM_TIMEOUT
+    }
+}
+
+impl Default for Liveness {
+    /// A silent peer is found within 50 s; 20 s covers a 4 MiB send buffer draining at
+    /// 2 Mbit/s.
+    fn default() -> Self {
+        Self {
+            ping_every: Duration::from_secs(10),
+            timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -419,7 +461,11 @@ pub async fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEv
                         identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                             .with_agent_version(agent.clone()),
                     ),
-                    ping: ping::Behaviour::new(ping::Config::new()),
+                    ping: ping::Behaviour::new(
+                        ping::Config::new()
+                            .with_interval(config.liveness.ping_every)
+                            .with_timeout(config.liveness.timeout),
+                    ),
                     gossipsub: gossipsub::Behaviour::new(
                         gossipsub::MessageAuthenticity::Signed(key.clone()),
                         gossip_config,
@@ -803,6 +849,15 @@ impl SwarmTask {
                 self.on_gossip(propagation_source, message_id, message)
                     .await
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(failure),
+            })) if !matches!(failure, ping::Failure::Unsupported) => {
+                // (A peer without ping is not one of ours; identify deals with that.)
+                tracing::info!(%peer, %failure, "peer fell silent: closing the connection");
+                self.swarm.close_connection(connection);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event).await,
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
@@ -1060,6 +1115,7 @@ pub(crate) fn test_config(bootstrap: Vec<Multiaddr>) -> NetConfig {
         trusted: TrustedKeys::new([]),
         mdns: false,
         blocked: HashSet::new(),
+        liveness: Liveness::default(),
     }
 }
 
@@ -1136,6 +1192,90 @@ mod tests {
         let (c, _c_events) = start(listed).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(c.peers().await.is_empty(), "dialled a listed peer");
+    }
+
+    /// A TCP relay that forwards both ways until `silence` is notified, then forwards nothing
+    /// and closes nothing: a peer behind it falls silent, as behind a dead WAN link. Connections
+    /// accepted after that are held silent too.
+    async fn silenceable_relay(
+        to: std::net::SocketAddr,
+        silence: std::sync::Arc<tokio::sync::Notify>,
+    ) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(async move {
+            // Bounded: the test makes a handful of connections.
+            for _ in 0..16 {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (silence, silent) = (silence.clone(), silent.clone());
+                tokio::spawn(async move {
+                    if !silent.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            () = silence.notified() => {
+                                silent.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    // Both sockets stay open and unread until the runtime ends.
+                    std::future::pending::<()>().await;
+                    drop((inbound, outbound));
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_falls_silent_is_disconnected() {
+        let quick = Liveness {
+            ping_every: Duration::from_millis(200),
+            timeout: Duration::from_millis(600),
+        };
+        let mut config = test_config(vec![]);
+        config.liveness = quick;
+        let (a, _a_events) = start(config).await.unwrap();
+        let a_port = a.listen_addrs().await[0]
+            .iter()
+            .find_map(|p| match p {
+                Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+            .unwrap();
+        let silence = std::sync::Arc::new(tokio::sync::Notify::new());
+        let relay = silenceable_relay(([127, 0, 0, 1], a_port).into(), silence.clone()).await;
+        let via_relay: Multiaddr = format!(
+            "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+            relay.port(),
+            a.local_peer_id
+        )
+        .parse()
+        .unwrap();
+        let mut config = test_config(vec![via_relay]);
+        config.liveness = quick;
+        // Not listening, so `a` cannot reach it but through the relay.
+        config.listen.clear();
+        let (b, _b_events) = start(config).await.unwrap();
+        connected(&a, b.local_peer_id, true).await;
+        connected(&b, a.local_peer_id, true).await;
+        // Healthy, the connection outlives many pings.
+        tokio::time::sleep(quick.timeout * 3).await;
+        assert!(b.peers().await.iter().any(|p| p.peer == a.local_peer_id));
+
+        silence.notify_waiters();
+        // Nothing was closed: only the unanswered pings can tell.
+        let within = quick.detected_within() + Duration::from_secs(3);
+        // Together: once apart, `b` may dial `a` directly at an address identify taught it.
+        tokio::join!(
+            connected_within(&a, b.local_peer_id, false, within),
+            connected_within(&b, a.local_peer_id, false, within),
+        );
     }
 
     #[test]
