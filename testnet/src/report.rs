@@ -57,7 +57,8 @@ pub struct Report {
     /// 1, the run measured the host's processors as much as the swarm.
     pub host_cpu: Option<HostCpu>,
     /// Bytes that nodes of a cut-off site received from other sites while the cut was in force,
-    /// over the cuts restored this round (None: no cut was). Anything but 0 means a cut leaked.
+    /// over the cuts in force during this round (None: there was none). Anything but 0 means a
+    /// cut leaked.
     pub received_across_cuts: Option<u64>,
     pub all_correct: bool,
     pub per_node: Vec<NodeReport>,
@@ -152,7 +153,7 @@ impl Report {
         if let Some(crossed) = self.received_across_cuts {
             let _ = writeln!(
                 out,
-                "  a site cut off received {} from other sites while cut ({}); T includes the time it was cut off",
+                "  sites cut off received {} from other sites while cut ({}); T includes the time they were cut off",
                 mib(crossed),
                 if crossed == 0 {
                     "the cut held"

@@ -99,10 +99,11 @@ struct Run<'a> {
     reports: Vec<Report>,
     /// The last event was a mark: a publish right after it moves the start to its end.
     just_marked: bool,
-    /// Site -> each of its nodes' cross-site counter when the site was cut off.
+    /// Site -> each of its nodes' cross-site counter when the site was cut off (or when this
+    /// round began, for a cut still in force at a mark).
     cut_at: HashMap<String, Vec<(usize, u64)>>,
     /// Bytes the nodes of a cut site received from other sites while it was cut, over the cuts
-    /// restored this round (None: none was).
+    /// restored this round; the report adds the cuts still in force.
     received_across_cuts: Option<u64>,
     scenario_name: String,
 }
@@ -457,7 +458,14 @@ impl Run<'_> {
             self.sleep(STATUS_SETTLE);
             let round = self.report()?;
             self.reports.push(round);
+            // A cut in force goes on into the next round, which counts from here.
             self.received_across_cuts = None;
+            let now: Vec<(String, Vec<(usize, u64)>)> = self
+                .cut_at
+                .keys()
+                .map(|site| (site.clone(), self.cross_site_of_site(site)))
+                .collect();
+            self.cut_at.extend(now);
         }
         self.start_clock();
         for i in 0..self.nodes.len() {
@@ -562,13 +570,26 @@ impl Run<'_> {
         self.backend.set_links(&which, false)?;
         if !self.cut_at.contains_key(site) {
             self.sleep(STATUS_SETTLE);
-            let at = which
-                .iter()
-                .map(|&i| (i, self.counters(i).cross_site))
-                .collect();
+            let at = self.cross_site_of_site(site);
             self.cut_at.insert(site.to_owned(), at);
         }
         Ok(())
+    }
+
+    /// Each node of `site` with its cross-site counter now.
+    fn cross_site_of_site(&self, site: &str) -> Vec<(usize, u64)> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].site == site)
+            .map(|i| (i, self.counters(i).cross_site))
+            .collect()
+    }
+
+    /// What the nodes in `at` received from other sites since their counters were `at`. A
+    /// node killed meanwhile counts to its last status file (up to half a second old).
+    fn crossed_since(&self, at: &[(usize, u64)]) -> u64 {
+        at.iter()
+            .map(|&(i, before)| self.counters(i).cross_site.saturating_sub(before))
+            .sum()
     }
 
     /// Counts what crossed into `site` while it was cut (it must be nothing: the report shows
@@ -576,10 +597,7 @@ impl Run<'_> {
     fn restore(&mut self, site: &str) -> anyhow::Result<()> {
         if let Some(at) = self.cut_at.remove(site) {
             self.sleep(STATUS_SETTLE);
-            let crossed: u64 = at
-                .iter()
-                .map(|&(i, before)| self.counters(i).cross_site.saturating_sub(before))
-                .sum();
+            let crossed = self.crossed_since(&at);
             self.received_across_cuts = Some(self.received_across_cuts.unwrap_or(0) + crossed);
         }
         let which: Vec<usize> = (0..self.nodes.len())
@@ -803,7 +821,12 @@ impl Run<'_> {
             host_cpu: seconds
                 .and(self.cpu_at_t0.zip(self.cpu_at_done))
                 .and_then(|(t0, done)| t0.until(done)),
-            received_across_cuts: self.received_across_cuts,
+            received_across_cuts: if self.cut_at.is_empty() {
+                self.received_across_cuts
+            } else {
+                let open: u64 = self.cut_at.values().map(|at| self.crossed_since(at)).sum();
+                Some(self.received_across_cuts.unwrap_or(0) + open)
+            },
             all_correct,
             per_node,
         })
