@@ -564,9 +564,7 @@ impl Run<'_> {
     /// Cuts `site` off and notes what its nodes had received from other sites, once their
     /// status files have caught up with what came in before the cut.
     fn cut(&mut self, site: &str) -> anyhow::Result<()> {
-        let which: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].site == site)
-            .collect();
+        let which = self.site_nodes(site);
         self.backend.set_links(&which, false)?;
         if !self.cut_at.contains_key(site) {
             self.sleep(STATUS_SETTLE);
@@ -576,10 +574,16 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Each node of `site` with its cross-site counter now.
-    fn cross_site_of_site(&self, site: &str) -> Vec<(usize, u64)> {
+    fn site_nodes(&self, site: &str) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|&i| self.nodes[i].site == site)
+            .collect()
+    }
+
+    /// Each node of `site` with its cross-site counter now.
+    fn cross_site_of_site(&self, site: &str) -> Vec<(usize, u64)> {
+        self.site_nodes(site)
+            .into_iter()
             .map(|i| (i, self.counters(i).cross_site))
             .collect()
     }
@@ -600,9 +604,7 @@ impl Run<'_> {
             let crossed = self.crossed_since(&at);
             self.received_across_cuts = Some(self.received_across_cuts.unwrap_or(0) + crossed);
         }
-        let which: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].site == site)
-            .collect();
+        let which = self.site_nodes(site);
         self.backend.set_links(&which, true)
     }
 
