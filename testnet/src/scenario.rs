@@ -472,9 +472,9 @@ action = "wait"
         }
     }
 
-    #[test]
-    fn shipped_scenarios_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    /// Loads every scenario file in the crate's `dir`; how many there were.
+    fn load_all_in(dir: &str) -> usize {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -483,10 +483,22 @@ action = "wait"
                 seen += 1;
             }
         }
+        seen
+    }
+
+    #[test]
+    fn shipped_scenarios_parse() {
         assert!(
-            seen >= 5,
-            "the five standard scenarios ship in {}",
-            dir.display()
+            load_all_in("scenarios") >= 5,
+            "the five standard scenarios ship in scenarios/"
+        );
+    }
+
+    #[test]
+    fn experiments_parse() {
+        assert!(
+            load_all_in("experiments") >= 1,
+            "no experiment in experiments/"
         );
     }
 }
